@@ -1,0 +1,21 @@
+// JLCM (jlcm-gguf) in the CPU backend: the MUL_MAT / MUL_MAT_ID / GET_ROWS paths, where the
+// whole weight tensor is known and its companions (group codebooks, bounds, permutation) can be reached.
+#pragma once
+
+#include "ggml.h"
+#include "ggml-cpu-impl.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// rows [ir0_start, ir0_end) of matrix i02 of src0 against one q8_0 column; results are written
+// to dst_col at the rows' original positions (the inverse of the stored row order)
+void ggml_cpu_jlcm_mul_rows(const struct ggml_tensor * src0, int64_t i02, int64_t ir0_start, int64_t ir0_end,
+                            const void * src1_col, float * dst_col);
+
+void ggml_compute_forward_get_rows_jlcm(const struct ggml_compute_params * params, struct ggml_tensor * dst);
+
+#ifdef __cplusplus
+}
+#endif

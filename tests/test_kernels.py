@@ -1,0 +1,133 @@
+"""The C kernels (patched ggml CPU backend) against the Python reference in jlcm_gguf.pack.
+
+GET_ROWS must give the reference dequantization bit for bit; MUL_MAT must agree with the reference
+product of the same Q8_0-quantized activations within float rounding, and with the float product
+within ggml's own dot-product tolerance.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGUFWriter
+
+from jlcm_gguf.format import DEFAULT_CODEBOOKS, QK
+from jlcm_gguf.pack import dequantize, matmul_q8_reference, pack_blocks, unpack_blocks
+from jlcm_gguf.write import add_jlcm_tensor
+
+from conftest import run, tool
+
+
+def random_weight(rng, bits, rows, cols, groups, permuted):
+    idx = rng.integers(0, 1 << bits, size=(rows, cols), dtype=np.uint8)
+    d = (rng.standard_normal((rows, cols // QK)) * 0.01).astype(np.float16)
+    if groups:
+        cb = rng.integers(-128, 128, size=(groups, 1 << bits), dtype=np.int16).astype(np.int8)
+        cuts = np.sort(rng.choice(np.arange(1, rows), size=groups - 1, replace=False))
+        bounds = np.append(cuts, rows).astype(np.int32)
+    else:
+        cb, bounds = None, None
+    perm = rng.permutation(rows).astype(np.int32) if permuted else None
+    return pack_blocks(idx, d, bits), cb, bounds, perm
+
+
+def write_case(path, bits, packed, cb, bounds, perm, x):
+    w = GGUFWriter(str(path), "jlcm-test")
+    add_jlcm_tensor(w, "w", packed, bits, cb, bounds, perm)
+    w.add_tensor("x", x.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def run_check(path, out, threads=1):
+    return run([tool("jlcm-kernel-check"), path, out, threads])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_pack_roundtrip(bits):
+    rng = np.random.default_rng(bits)
+    idx = rng.integers(0, 1 << bits, size=(7, 192), dtype=np.uint8)
+    d = rng.standard_normal((7, 3)).astype(np.float16)
+    got_idx, got_d = unpack_blocks(pack_blocks(idx, d, bits), bits, 192)
+    assert np.array_equal(got_idx, idx)
+    assert np.array_equal(got_d.view(np.uint16), d.view(np.uint16))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("groups,permuted", [(0, False), (1, False), (5, False), (5, True), (37, True)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_kernels_match_reference(tmp, bits, groups, permuted, threads):
+    rng = np.random.default_rng(100 * bits + 10 * groups + permuted)
+    rows, cols, n = 37, 576, 6
+    packed, cb, bounds, perm = random_weight(rng, bits, rows, cols, groups, permuted)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    write_case(tmp / "case.gguf", bits, packed, cb, bounds, perm, x)
+
+    res = run_check(tmp / "case.gguf", tmp / "out.f32", threads)
+    assert res.returncode == 0, res.stderr
+    out = np.fromfile(tmp / "out.f32", dtype=np.float32)
+    got_rows = out[:rows * cols].reshape(rows, cols)
+    got_mm = out[rows * cols:].reshape(n, rows)
+
+    ref_w = dequantize(packed, bits, cols, cb if cb is not None else DEFAULT_CODEBOOKS[bits], bounds, None if perm is None else np.stack([perm, perm]))
+    # bit-exact dequantization (GET_ROWS)
+    assert np.array_equal(got_rows.view(np.uint32), ref_w.view(np.uint32))
+
+    ref_q8 = matmul_q8_reference(ref_w, x)
+    scale = np.sqrt(np.mean(ref_q8 ** 2))
+    np.testing.assert_allclose(got_mm, ref_q8, rtol=1e-4, atol=1e-4 * scale)
+
+    # against the float product: ggml's MAX_DOT_PRODUCT_ERROR (0.02) per normalised dot
+    ref_f = x.astype(np.float64) @ ref_w.astype(np.float64).T
+    err = np.abs(got_mm - ref_f).max() / (np.abs(ref_w).sum(axis=1).max() * np.abs(x).max() / cols)
+    assert err < 0.02 * cols / QK
+
+
+def test_kernels_refuse_bad_companions(tmp):
+    rng = np.random.default_rng(7)
+    rows, cols = 37, 128
+    packed, cb, bounds, perm = random_weight(rng, 2, rows, cols, 4, True)
+    x = rng.standard_normal((2, cols)).astype(np.float32)
+
+    bad_bounds = bounds.copy()
+    bad_bounds[1] = bad_bounds[0]  # not increasing
+    import jlcm_gguf.write as write
+    # bypass the writer's own check to produce a hostile file
+    w = GGUFWriter(str(tmp / "b.gguf"), "jlcm-test")
+    w.add_tensor("w", packed, raw_dtype=write.GGMLQuantizationType(200))
+    w.add_tensor("w.jlcm_cb", cb)
+    w.add_tensor("w.jlcm_bounds", bad_bounds)
+    w.add_tensor("x", x)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    res = run_check(tmp / "b.gguf", tmp / "o.f32")
+    assert res.returncode == 2 and "not increasing" in res.stderr, res.stderr
+
+    bad_perm = np.stack([perm, perm])  # plane 1 is not the inverse
+    bad_perm[0, 0], bad_perm[0, 1] = bad_perm[0, 1], bad_perm[0, 1]  # and plane 0 not a bijection
+    w = GGUFWriter(str(tmp / "p.gguf"), "jlcm-test")
+    w.add_tensor("w", packed, raw_dtype=write.GGMLQuantizationType(200))
+    w.add_tensor("w.jlcm_cb", cb)
+    w.add_tensor("w.jlcm_bounds", bounds)
+    w.add_tensor("w.jlcm_perm", bad_perm.astype(np.int32))
+    w.add_tensor("x", x)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    res = run_check(tmp / "p.gguf", tmp / "o.f32")
+    assert res.returncode == 2 and "not a permutation" in res.stderr, res.stderr
+
+    wrong_cb = cb[:, :2].copy()  # 2 entries for a 2-bit type
+    w = GGUFWriter(str(tmp / "c.gguf"), "jlcm-test")
+    w.add_tensor("w", packed, raw_dtype=write.GGMLQuantizationType(200))
+    w.add_tensor("w.jlcm_cb", wrong_cb)
+    w.add_tensor("w.jlcm_bounds", bounds)
+    w.add_tensor("x", x)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    res = run_check(tmp / "c.gguf", tmp / "o.f32")
+    assert res.returncode == 2 and "codebook" in res.stderr, res.stderr
+
+
+def test_test_quantize_fns_passes():
+    res = run([tool("test-quantize-fns"), "-v"])
+    assert res.returncode == 0, res.stdout[-3000:]
+    for name in ("jlcm2", "jlcm3", "jlcm4"):
+        assert f"Testing {name}" in res.stdout

@@ -98,20 +98,43 @@ def matmul_q8_reference(w_orig: np.ndarray, x: np.ndarray) -> np.ndarray:
     return (xq @ np.asarray(w_orig, dtype=np.float64).T)
 
 
-def quantize_to_codebooks(w: np.ndarray, bits: int, cb: np.ndarray, bounds: np.ndarray | None) -> np.ndarray:
-    """Pack float rows (stored order) against int8 group codebooks: per 64-weight block the scale
-    d = amax / max|cb_g| and each weight takes the nearest codeword of w/d. Returns uint8 [rows, row_bytes]."""
+def quantize_to_codebooks(w: np.ndarray, bits: int, cb: np.ndarray, bounds: np.ndarray | None,
+                          h: np.ndarray | None = None, refine: int = 2) -> np.ndarray:
+    """Pack float rows (stored order) against int8 group codebooks. Per 64-weight block the scale starts at
+    d = amax / max|cb_g|, each weight takes the nearest codeword of w/d, then `refine` rounds alternate the
+    h-weighted least-squares scale and the assignment. Returns uint8 [rows, row_bytes]."""
+    idx, d = assign(w, bits, cb, bounds, h, refine)
+    return pack_blocks(idx, d, bits)
+
+
+def assign(w: np.ndarray, bits: int, cb: np.ndarray, bounds: np.ndarray | None,
+           h: np.ndarray | None = None, refine: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(idx uint8 [rows, cols], d float16 [rows, cols/64]) for quantize_to_codebooks."""
     w = np.asarray(w, dtype=np.float32)
     rows, cols = w.shape
+    nb = cols // QK
     cb = np.asarray(cb, dtype=np.int8).reshape(-1, 1 << bits)
     grp = group_of_rows(bounds, rows) if bounds is not None else np.zeros(rows, dtype=np.int64)
-    blocks = w.reshape(rows, cols // QK, QK)
-    cmax = np.abs(cb.astype(np.float32)).max(axis=1)[grp]                       # [rows]
-    amax = np.abs(blocks).max(axis=2)                                           # [rows, nb]
-    d = (amax / np.maximum(cmax[:, None], 1)).astype(np.float16)
-    d32 = d.astype(np.float32)
-    v = blocks / np.where(d32 > 0, d32, 1)[..., None]                           # in codebook units
-    cbf = cb.astype(np.float32)[grp]                                            # [rows, 2^b]
-    dist = np.abs(v[..., None] - cbf[:, None, None, :])                         # [rows, nb, QK, 2^b]
-    idx = dist.argmin(axis=-1).astype(np.uint8)
-    return pack_blocks(idx.reshape(rows, cols), d, bits)
+    hb = (np.ones(cols, np.float32) if h is None else np.maximum(np.asarray(h, np.float32), 1e-12)).reshape(1, nb, QK)
+    idx = np.empty((rows, nb, QK), dtype=np.uint8)
+    d = np.empty((rows, nb), dtype=np.float16)
+    for g in np.unique(grp):
+        m = grp == g
+        c = np.sort(cb[g].astype(np.float32))
+        order = np.argsort(cb[g].astype(np.float32), kind="stable")  # sorted position -> codebook index
+        mid = (c[1:] + c[:-1]) / 2
+        blocks = w[m].reshape(-1, nb, QK)
+        scale = np.abs(blocks).max(axis=2) / max(np.abs(c).max(), 1)
+        for it in range(refine + 1):
+            s32 = scale.astype(np.float16).astype(np.float32)
+            pos = np.searchsorted(mid, blocks / np.where(s32 > 0, s32, 1)[..., None])
+            if it == refine:
+                break
+            cv = c[pos]
+            num = (hb * blocks * cv).sum(axis=2)
+            den = (hb * cv * cv).sum(axis=2)
+            scale = np.where(den > 0, num / np.where(den > 0, den, 1), scale)
+            scale = np.clip(scale, -65504, 65504)
+        idx[m] = order[pos]
+        d[m] = s32.astype(np.float16)
+    return idx.reshape(rows, cols), d

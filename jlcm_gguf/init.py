@@ -1,0 +1,66 @@
+"""Init step: one scalar codebook per row group, by Hessian-weighted k-means (Lloyd's algorithm in 1D).
+
+The codebook lives in block-normalised units (v = w / max|w| of the 64-weight block, see group.py); each
+weight counts with h_j * amax_block^2, its share of the output error. Centroids are quantized to int8
+(largest magnitude 127), the format's codebook entries.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .format import QK
+
+MAX_SAMPLES = 1 << 18
+
+
+def weighted_kmeans_1d(v: np.ndarray, wt: np.ndarray, k: int, iters: int = 30) -> np.ndarray:
+    """Sorted centroids minimising sum wt * (v - c)^2; initialised at weighted quantiles."""
+    order = np.argsort(v)
+    vs, ws = v[order].astype(np.float64), wt[order].astype(np.float64)
+    cw = np.cumsum(ws)
+    cw /= cw[-1]
+    c = vs[np.searchsorted(cw, (np.arange(k) + 0.5) / k).clip(0, len(vs) - 1)]
+    for _ in range(iters):
+        labels = np.searchsorted((c[1:] + c[:-1]) / 2, vs)
+        sw = np.bincount(labels, weights=ws, minlength=k)
+        sv = np.bincount(labels, weights=ws * vs, minlength=k)
+        new = np.where(sw > 0, sv / np.where(sw > 0, sw, 1), c)  # an empty cluster keeps its centre
+        new = np.sort(new)
+        if np.allclose(new, c, atol=1e-7):
+            return new
+        c = new
+    return c
+
+
+def to_int8_codebook(c: np.ndarray) -> np.ndarray:
+    m = np.abs(c).max()
+    q = np.round(c / (m if m > 0 else 1) * 127).clip(-127, 127).astype(np.int8)
+    return np.sort(q)
+
+
+def init_codebooks(w_stored: np.ndarray, h: np.ndarray | None, bounds: np.ndarray, bits: int,
+                   variant: str = "codebooks", seed: int = 0) -> np.ndarray:
+    """Entry point. int8 codebooks [n_groups, 2^bits] for the stored (grouped) rows of w."""
+    rows, cols = w_stored.shape
+    b = w_stored.reshape(rows, cols // QK, QK).astype(np.float32)
+    amax = np.abs(b).max(axis=2, keepdims=True)
+    v = (b / np.where(amax > 0, amax, 1)).reshape(rows, cols)
+    hcol = np.ones(cols, dtype=np.float32) if h is None else np.maximum(np.asarray(h, dtype=np.float32), 1e-12)
+    wt = (np.repeat(amax[..., 0], QK, axis=1) ** 2) * hcol[None, :]
+    rng = np.random.default_rng(seed)
+    k = 1 << bits
+
+    def fit(r0: int, r1: int) -> np.ndarray:
+        vv, ww = v[r0:r1].ravel(), wt[r0:r1].ravel()
+        if len(vv) > MAX_SAMPLES:
+            pick = rng.choice(len(vv), MAX_SAMPLES, replace=False)
+            vv, ww = vv[pick], ww[pick]
+        return to_int8_codebook(weighted_kmeans_1d(vv, ww, k))
+
+    starts = np.r_[0, bounds[:-1]]
+    if variant == "scales":
+        # with per-block scales a per-group scale is absorbed by the blocks: one shared codebook shape
+        return np.repeat(fit(0, rows)[None, :], len(bounds), axis=0)
+    if variant != "codebooks":
+        raise ValueError(f"unknown variant {variant!r}")
+    return np.stack([fit(s, e) for s, e in zip(starts, bounds)])

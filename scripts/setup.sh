@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Sets up everything on a fresh Debian machine, idempotently (a second run takes seconds):
+# system packages, .venv with pinned Python dependencies, the patched llama.cpp (tools, tests and shared
+# libraries in build/bin), the patched gguf-py, llama-cpp-python 0.3.36+jlcm on top of those same
+# libraries, and this project.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+JOBS=${JOBS:-$(nproc)}
+
+log() { printf '\n== %s\n' "$*" >&2; }
+
+need_pkgs=()
+for p in ccache patch cmake g++; do command -v "$p" >/dev/null || need_pkgs+=("$p"); done
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    log "installing ${need_pkgs[*]}"
+    if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need_pkgs[@]/g++/build-essential}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    log "creating .venv"
+    $PY -m venv .venv
+fi
+VPY=$ROOT/.venv/bin/python
+pipi() { "$VPY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v '^WARNING: Location' >&2 || true; }
+
+if ! "$VPY" -c "import torch, numpy, safetensors, sentencepiece, tqdm, pytest" 2>/dev/null; then
+    log "installing Python dependencies (torch 2.13.0 CPU)"
+    pipi torch==2.13.0 numpy safetensors sentencepiece tqdm pytest pyyaml requests
+    "$VPY" -c "import torch, numpy, safetensors, sentencepiece, tqdm, pytest"
+fi
+
+log "fetching and patching llama.cpp"
+SDIST=$("$VPY" scripts/fetch_llama.py)
+LLAMA=$SDIST/vendor/llama.cpp
+
+mkdir -p build
+log "building llama.cpp (ccache; a clean build takes ~6 min on 2 cores)"
+cmake -S . -B build -DJLCM_LLAMA_SOURCE_DIR="$LLAMA" >build/cmake-configure.log 2>&1 || {
+    mkdir -p build; cmake -S . -B build -DJLCM_LLAMA_SOURCE_DIR="$LLAMA"; }
+cmake --build build -j"$JOBS" --target llama-cli llama-completion llama-perplexity llama-bench llama-quantize \
+    llama-imatrix llama-server test-quantize-fns test-backend-ops jlcm-kernel-check >build/cmake-build.log 2>&1 || {
+    tail -50 build/cmake-build.log; exit 1; }
+
+log "building the unpatched GGUF reader (tests check that stock ggml refuses JLCM files)"
+STOCK=$("$VPY" scripts/fetch_llama.py --stock)
+cmake -S tests/c/stock -B build-stock -DSTOCK_GGML_DIR="$STOCK/vendor/llama.cpp/ggml" -DCMAKE_BUILD_TYPE=Release \
+    >build/stock-configure.log 2>&1 || { tail -30 build/stock-configure.log; exit 1; }
+cmake --build build-stock -j"$JOBS" --target gguf-stock-check >build/stock-build.log 2>&1 || {
+    tail -30 build/stock-build.log; exit 1; }
+
+stamp=$(cat "$SDIST/.jlcm-patched")
+if [ "$("$VPY" -c 'import gguf.constants as c; print(hasattr(c.GGMLQuantizationType, "JLCM2"))' 2>/dev/null)" != True ] \
+   || [ ! -f .venv/.jlcm-gguf-py ] || [ "$(cat .venv/.jlcm-gguf-py)" != "$stamp" ]; then
+    log "installing the patched gguf-py"
+    pipi --force-reinstall --no-deps "$LLAMA/gguf-py"
+    echo "$stamp" > .venv/.jlcm-gguf-py
+fi
+
+libs_hash=$(cat build/bin/lib*.so | sha256sum | cut -c1-16)
+if [ ! -f .venv/.jlcm-llama-cpp-python ] || [ "$(cat .venv/.jlcm-llama-cpp-python)" != "$libs_hash" ]; then
+    log "installing llama-cpp-python 0.3.36+jlcm on the patched libraries"
+    CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF -DJLCM_PREBUILT_LIB_DIR=$ROOT/build/bin" \
+        pipi --no-cache-dir --force-reinstall --no-deps "$SDIST"
+    pipi typing-extensions diskcache jinja2
+    echo "$libs_hash" > .venv/.jlcm-llama-cpp-python
+fi
+
+if ! "$VPY" -c "import jlcm_gguf" 2>/dev/null; then
+    log "installing jlcm-gguf"
+    pipi --no-deps -e .
+fi
+"$VPY" -c "import llama_cpp, gguf, jlcm_gguf; assert llama_cpp.__version__.endswith('+jlcm'), llama_cpp.__version__"
+log "setup done: tools in build/bin, Python in .venv"

@@ -39,28 +39,40 @@ def to_int8_codebook(c: np.ndarray) -> np.ndarray:
 
 
 def init_codebooks(w_stored: np.ndarray, h: np.ndarray | None, bounds: np.ndarray, bits: int,
-                   variant: str = "codebooks", seed: int = 0) -> np.ndarray:
-    """Entry point. int8 codebooks [n_groups, 2^bits] for the stored (grouped) rows of w."""
+                   variant: str = "codebooks", seed: int = 0, rounds: int = 2) -> np.ndarray:
+    """Entry point. int8 codebooks [n_groups, 2^bits] for the stored (grouped) rows of w.
+
+    A first k-means runs on w / amax per block; then `rounds` times the blocks are packed with the current
+    codebooks (scale by least squares, see pack.assign), and k-means runs again on w / d with weights
+    h_j * d^2, so the codebook fits the scales it will be used with."""
+    from .pack import assign
+
+    if variant not in ("codebooks", "scales"):
+        raise ValueError(f"unknown variant {variant!r}")
     rows, cols = w_stored.shape
     b = w_stored.reshape(rows, cols // QK, QK).astype(np.float32)
-    amax = np.abs(b).max(axis=2, keepdims=True)
-    v = (b / np.where(amax > 0, amax, 1)).reshape(rows, cols)
     hcol = np.ones(cols, dtype=np.float32) if h is None else np.maximum(np.asarray(h, dtype=np.float32), 1e-12)
-    wt = (np.repeat(amax[..., 0], QK, axis=1) ** 2) * hcol[None, :]
     rng = np.random.default_rng(seed)
     k = 1 << bits
-
-    def fit(r0: int, r1: int) -> np.ndarray:
-        vv, ww = v[r0:r1].ravel(), wt[r0:r1].ravel()
-        if len(vv) > MAX_SAMPLES:
-            pick = rng.choice(len(vv), MAX_SAMPLES, replace=False)
-            vv, ww = vv[pick], ww[pick]
-        return to_int8_codebook(weighted_kmeans_1d(vv, ww, k))
-
     starts = np.r_[0, bounds[:-1]]
-    if variant == "scales":
-        # with per-block scales a per-group scale is absorbed by the blocks: one shared codebook shape
-        return np.repeat(fit(0, rows)[None, :], len(bounds), axis=0)
-    if variant != "codebooks":
-        raise ValueError(f"unknown variant {variant!r}")
-    return np.stack([fit(s, e) for s, e in zip(starts, bounds)])
+    spans = [(0, rows)] * len(bounds) if variant == "scales" else list(zip(starts, bounds))
+
+    def fit(scale: np.ndarray) -> np.ndarray:
+        v = (b / np.where(scale > 0, scale, 1)[..., None]).reshape(rows, cols)
+        wt = (np.repeat(scale, QK, axis=1) ** 2) * hcol[None, :]
+        out, cache = [], {}
+        for r0, r1 in spans:
+            if (r0, r1) not in cache:  # the "scales" variant fits one codebook for all groups
+                vv, ww = v[r0:r1].ravel(), wt[r0:r1].ravel()
+                if len(vv) > MAX_SAMPLES:
+                    pick = rng.choice(len(vv), MAX_SAMPLES, replace=False)
+                    vv, ww = vv[pick], ww[pick]
+                cache[(r0, r1)] = to_int8_codebook(weighted_kmeans_1d(vv, ww, k))
+            out.append(cache[(r0, r1)])
+        return np.stack(out)
+
+    cb = fit(np.abs(b).max(axis=2) / 127)
+    for _ in range(rounds):
+        _, d = assign(w_stored, bits, cb, bounds, h)
+        cb = fit(np.abs(d.astype(np.float32)))
+    return cb

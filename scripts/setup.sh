@@ -26,10 +26,12 @@ fi
 VPY=$ROOT/.venv/bin/python
 pipi() { "$VPY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v '^WARNING: Location' >&2 || true; }
 
-if ! "$VPY" -c "import torch, numpy, safetensors, sentencepiece, tqdm, pytest" 2>/dev/null; then
-    log "installing Python dependencies (torch 2.13.0 CPU)"
-    pipi torch==2.13.0 numpy safetensors sentencepiece tqdm pytest pyyaml requests
-    "$VPY" -c "import torch, numpy, safetensors, sentencepiece, tqdm, pytest"
+req_hash=$(sha256sum requirements.txt | cut -c1-16)
+if [ ! -f .venv/.jlcm-requirements ] || [ "$(cat .venv/.jlcm-requirements)" != "$req_hash" ]; then
+    log "installing Python dependencies (requirements.txt; torch 2.13.0 CPU)"
+    pipi -r requirements.txt
+    "$VPY" -c "import torch, numpy, safetensors, sentencepiece, tqdm, pytest, transformers"
+    echo "$req_hash" > .venv/.jlcm-requirements
 fi
 
 log "fetching and patching llama.cpp"
@@ -64,7 +66,6 @@ if [ ! -f .venv/.jlcm-llama-cpp-python ] || [ "$(cat .venv/.jlcm-llama-cpp-pytho
     log "installing llama-cpp-python 0.3.36+jlcm on the patched libraries"
     CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF -DJLCM_PREBUILT_LIB_DIR=$ROOT/build/bin" \
         pipi --no-cache-dir --force-reinstall --no-deps "$SDIST"
-    pipi typing-extensions diskcache jinja2
     echo "$libs_hash" > .venv/.jlcm-llama-cpp-python
 fi
 

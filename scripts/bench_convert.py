@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""Conversion time of the default model (SmolLM2-135M-Instruct) at a bit width, as whole-run wall time and
+per stage, next to the vendored llama.cpp converter writing the same model as F16 in the same run.
+
+    .venv/bin/python scripts/bench_convert.py [--bits 2] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from jlcm_gguf.convert import llama_cpp_dir  # noqa: E402
+from jlcm_gguf.models import smollm2_hf_dir  # noqa: E402
+
+
+def timed(cmd) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    hf = smollm2_hf_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        t_f16 = timed([sys.executable, str(llama_cpp_dir() / "convert_hf_to_gguf.py"), str(hf), "--outtype", "f16",
+                       "--outfile", f"{tmp}/f16.gguf"])
+        t_jlcm = timed([sys.executable, str(ROOT / "convert_hf_to_jlcm_gguf.py"), str(hf), "--bits", str(a.bits),
+                        "--threads", str(a.threads), "--outfile", f"{tmp}/jlcm.gguf"])
+    print(f"SmolLM2-135M-Instruct, {a.threads} threads:")
+    print(f"  llama.cpp convert_hf_to_gguf.py --outtype f16 : {t_f16:7.1f} s")
+    print(f"  jlcm-convert --bits {a.bits}                      : {t_jlcm:7.1f} s  ({t_jlcm / t_f16:.1f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

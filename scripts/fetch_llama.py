@@ -25,18 +25,8 @@ LOCAL_VERSION = f"{SDIST_VERSION}+jlcm"
 
 ROOT = Path(__file__).resolve().parent.parent
 PATCH_DIR = ROOT / "ggml_patch"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("JLCM_CACHE", Path.home() / ".cache" / "jlcm-gguf"))
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sys.path.insert(0, str(ROOT))
+from jlcm_gguf.cache import cache_dir, pip_download  # noqa: E402  (standard library only)
 
 
 def patch_hash() -> str:
@@ -49,17 +39,7 @@ def patch_hash() -> str:
 
 
 def fetch_sdist() -> Path:
-    dl = cache_dir() / "dl"
-    dl.mkdir(parents=True, exist_ok=True)
-    path = dl / SDIST_FILE
-    if not path.exists():
-        print(f"downloading {SDIST_NAME}=={SDIST_VERSION} (sdist) ...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        f"{SDIST_NAME}=={SDIST_VERSION}", "-d", str(dl)], check=True, stdout=sys.stderr)
-    digest = sha256_of(path)
-    if digest != SDIST_SHA256:
-        raise SystemExit(f"error: {path} has sha256 {digest}, expected {SDIST_SHA256}; delete it and retry")
-    return path
+    return pip_download(f"{SDIST_NAME}=={SDIST_VERSION}", SDIST_FILE, SDIST_SHA256, binary=False)
 
 
 def apply_patches(sdist_dir: Path) -> None:
@@ -80,23 +60,29 @@ def apply_patches(sdist_dir: Path) -> None:
     init.write_text(text.replace(f'__version__ = "{SDIST_VERSION}"', f'__version__ = "{LOCAL_VERSION}"'))
 
 
+def _unpack(target: Path, stamp: str, text: str, prepare=None) -> Path:
+    """Extracts the sdist next to target, lets prepare() change it, writes the stamp, renames it into place."""
+    sdist = fetch_sdist()
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        with tarfile.open(sdist) as tar:
+            tar.extractall(tmp, filter="data")
+        sdist_dir = Path(tmp) / f"llama_cpp_python-{SDIST_VERSION}"
+        if prepare:
+            prepare(sdist_dir)
+        (sdist_dir / stamp).write_text(text + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(sdist_dir, target)
+    return target
+
+
 def patched_tree() -> Path:
     # one stable path (re-made when the patch series changes), so ccache hits across rebuilds
     target = cache_dir() / f"llama-cpp-python-{SDIST_VERSION}-jlcm"
     stamp = target / ".jlcm-patched"
     if stamp.exists() and stamp.read_text().strip() == patch_hash():
         return target
-    sdist = fetch_sdist()
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        with tarfile.open(sdist) as tar:
-            tar.extractall(tmp, filter="data")
-        sdist_dir = Path(tmp) / f"llama_cpp_python-{SDIST_VERSION}"
-        apply_patches(sdist_dir)
-        (sdist_dir / ".jlcm-patched").write_text(patch_hash() + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(sdist_dir, target)
-    return target
+    return _unpack(target, ".jlcm-patched", patch_hash(), apply_patches)
 
 
 def stock_tree() -> Path:
@@ -104,16 +90,7 @@ def stock_tree() -> Path:
     target = cache_dir() / f"llama-cpp-python-{SDIST_VERSION}-stock"
     if (target / ".jlcm-stock").exists():
         return target
-    sdist = fetch_sdist()
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        with tarfile.open(sdist) as tar:
-            tar.extractall(tmp, filter="data")
-        sdist_dir = Path(tmp) / f"llama_cpp_python-{SDIST_VERSION}"
-        (sdist_dir / ".jlcm-stock").write_text("unpatched\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(sdist_dir, target)
-    return target
+    return _unpack(target, ".jlcm-stock", "unpatched")
 
 
 def main() -> None:

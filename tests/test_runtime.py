@@ -108,3 +108,19 @@ def test_unpatched_ggml_refuses(tiny):
     # and the same reader loads a stock file
     res = run([check, tiny[1]])
     assert res.returncode == 0, res.stderr
+
+
+def test_llama_quantize_jlcm_default_codebook(tiny, tmp_path):
+    """llama-quantize writes the JLCM types with their default codebooks; the file runs, and a JLCM
+    file is not requantized (its codebooks are companions that to_float does not see)."""
+    jlcm, f32 = tiny
+    out = tmp_path / "q.gguf"
+    res = run([tool("llama-quantize"), f32, out, "JLCM3", "2"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = run([tool("llama-completion"), "-m", out, "-p", "The quick brown fox", "-n", "8", "--temp", "0",
+               "-t", "2", "-no-cnv", "--no-warmup", "-v"], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "file type   = JLCM 3-bit" in res.stderr and "type jlcm3" in res.stderr
+    res = run([tool("llama-quantize"), "--allow-requantize", jlcm, tmp_path / "r.gguf", "Q8_0", "2"])
+    assert res.returncode != 0
+    assert "cannot requantize JLCM tensors" in res.stdout + res.stderr

@@ -251,11 +251,21 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
 
             x_in = torch.stack(x_q)
             y_t = torch.stack(y_f)
-            losses = learn_block(block_fn, list(params.values()), x_in, y_t, opt.learn_steps, seed=opt.seed + bid,
-                                 plain_ste=opt.plain_ste)
-            bar.set_postfix(loss=f"{losses[0]:.4f}->{losses[-1]:.4f}")
-            for n, p in params.items():
-                specs[n]["idx"], specs[n]["d"], specs[n]["cb"] = finalize(p)
+            norm = y_t.pow(2).mean()
+
+            def block_loss(params=params, block_fn=block_fn, x_in=x_in, y_t=y_t, norm=norm) -> float:
+                with torch.no_grad():
+                    ws = {n: p.weight() for n, p in params.items()}
+                    return float(sum((block_fn(ws, x) - y).pow(2).mean() for x, y in zip(x_in, y_t)) / len(x_in) / norm)
+
+            before = block_loss()
+            learn_block(block_fn, list(params.values()), x_in, y_t, opt.learn_steps, seed=opt.seed + bid,
+                        plain_ste=opt.plain_ste)
+            after = block_loss()
+            bar.set_postfix(loss=f"{before:.4f}->{after:.4f}")
+            if after < before:  # learning is kept only where it lowered the loss on all calibration windows
+                for n, p in params.items():
+                    specs[n]["idx"], specs[n]["d"], specs[n]["cb"] = finalize(p)
 
         logical = {}
         for name, s in specs.items():

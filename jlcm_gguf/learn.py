@@ -116,7 +116,7 @@ def clip_moves(params: list[QuantParam], before: list[torch.Tensor]) -> None:
 
 
 def learn_block(block_fn, params: list[QuantParam], x_in: torch.Tensor, y_target: torch.Tensor, steps: int,
-                lr_u: float = 0.05, lr_cb: float = 1e-3, lr_d: float = 1e-3, batch: int = 4, seed: int = 0,
+                lr_u: float = 0.02, lr_cb: float = 1e-3, lr_d: float = 1e-3, batch: int = 4, seed: int = 0,
                 plain_ste: bool = False, progress=None) -> list[float]:
     """Adam on || block_fn(weights, x) - y ||^2 over samples; returns the loss after each step.
 

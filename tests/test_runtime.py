@@ -3,6 +3,7 @@ rows, JLCM token_embd and output) runs in llama.cpp's tools and in llama-cpp-pyt
 same model written as F32 with the Python-dequantized weights, run by the same build."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -124,3 +125,12 @@ def test_llama_quantize_jlcm_default_codebook(tiny, tmp_path):
     res = run([tool("llama-quantize"), "--allow-requantize", jlcm, tmp_path / "r.gguf", "Q8_0", "2"])
     assert res.returncode != 0
     assert "cannot requantize JLCM tensors" in res.stdout + res.stderr
+
+
+def test_llama_bench_runs_jlcm(tiny):
+    jlcm, _ = tiny
+    res = run([tool("llama-bench"), "-m", jlcm, "-p", "32", "-n", "8", "-r", "1", "-t", "2", "-o", "json"], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout)
+    assert {r["n_prompt"] for r in rows} == {32, 0} and all(r["avg_ts"] > 0 for r in rows)
+    assert all(r["model_type"].endswith("JLCM 2-bit") for r in rows), rows[0]["model_type"]

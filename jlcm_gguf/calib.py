@@ -38,8 +38,7 @@ def default_calibration_text() -> Path:
 def calibration_tokens(text_path: Path, tokenizer, nsamples: int, seqlen: int, seed: int) -> np.ndarray:
     """nsamples windows of seqlen tokens drawn at seeded random offsets: int64 [nsamples, seqlen]."""
     text = Path(text_path).read_text(encoding="utf-8", errors="replace")
-    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"] if callable(tokenizer) else tokenizer(text),
-                     dtype=np.int64)
+    ids = np.asarray(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int64)
     if len(ids) < seqlen * 2:
         raise SystemExit(f"error: calibration text {text_path} has {len(ids)} tokens, need at least {seqlen * 2}")
     rng = np.random.default_rng(seed)

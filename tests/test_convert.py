@@ -146,6 +146,13 @@ def converted(smollm2, tmp_path_factory) -> tuple[Path, dict]:
     return out, summary
 
 
+def test_conversion_is_deterministic(smollm2, converted, tmp_path):
+    path, _ = converted
+    again = tmp_path / "again.gguf"
+    convert(Options(model=smollm2, outfile=again, bits=2, groups=8, nsamples=4, seqlen=128))
+    assert again.read_bytes() == path.read_bytes()
+
+
 def test_converted_file_layout(converted):
     from gguf import GGUFReader
     path, summary = converted

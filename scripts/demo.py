@@ -2,7 +2,7 @@
 """The main job on the default model: SmolLM2-135M-Instruct -> JLCM 2-bit GGUF, then size, bits per weight
 and WikiText-2 perplexity next to the float reference, then an answer from llama-cli.
 
-    .venv/bin/python scripts/demo.py [--bits 2] [--chunks 20] [--out out/]
+    .venv/bin/python scripts/demo.py [--bits 2] [--learn-steps 0] [--chunks 20] [--out out/]
 """
 from __future__ import annotations
 
@@ -26,13 +26,15 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=20, help="perplexity chunks of 512 tokens")
     ap.add_argument("--out", type=Path, default=Path("out"))
     ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--learn-steps", type=int, default=0, help="passed to jlcm-convert (0: k-means codebooks only)")
     a = ap.parse_args()
 
     hf = smollm2_hf_dir()
     a.out.mkdir(parents=True, exist_ok=True)
-    jlcm = a.out / f"SmolLM2-135M-Instruct-jlcm{a.bits}.gguf"
+    suffix = f"-learn{a.learn_steps}" if a.learn_steps else ""
+    jlcm = a.out / f"SmolLM2-135M-Instruct-jlcm{a.bits}{suffix}.gguf"
     if not jlcm.exists():
-        rc = convert_main([str(hf), "--outfile", str(jlcm), "--bits", str(a.bits)])
+        rc = convert_main([str(hf), "--outfile", str(jlcm), "--bits", str(a.bits), "--learn-steps", str(a.learn_steps)])
         if rc:
             return rc
     ref = reference_gguf(hf, cache_dir() / "models" / "SmolLM2-135M-Instruct-f32.gguf")

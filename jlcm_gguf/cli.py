@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .convert import ConvertError, Options, convert
+from .convert import Options, convert
 
 
 def parse_args(argv=None) -> Options:
@@ -41,9 +41,7 @@ def parse_args(argv=None) -> Options:
 def main(argv=None) -> int:
     opt = parse_args(argv)
     try:
-        s = convert(opt)
-    except ConvertError:
-        raise
+        s = convert(opt)  # ConvertError (a SystemExit) prints its one line and exits 1
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)
         return 130

@@ -176,17 +176,16 @@ def convert(opt: Options) -> dict:
     tokens = calibration_tokens(calib, tokenizer, opt.nsamples, opt.seqlen, opt.seed)
 
     quantized = quantized_names(tensors, hp, opt.embd_type)
-    jlcm = quantize_blocks(tensors, hp, tokens, quantized, opt)
+    jlcm, hessians = quantize_blocks(tensors, hp, tokens, quantized, opt)
     embd_bits = int(opt.embd_type[4:]) if opt.embd_type.startswith("jlcm") else None
     for name in ("token_embd.weight", "output.weight"):
         if name in quantized:
-            ro = fold_global(tensors, jlcm["__hessians__"], name, opt.groups, opt.seed)
+            ro = fold_global(tensors, hessians, name, opt.groups, opt.seed)
             w = tensors[name][ro.order]
-            h = jlcm["__hessians__"].get("output")
+            h = hessians.get("output")
             cb = init_codebooks(w, h, ro.bounds, embd_bits, opt.variant, opt.seed)
             jlcm[name] = dict(packed=quantize_to_codebooks(w, embd_bits, cb, ro.bounds, h), bits=embd_bits,
                               codebooks=cb, bounds=ro.bounds, perm=ro.order)
-    del jlcm["__hessians__"]
 
     instance.ftype = gguf.LlamaFileType(F.FTYPE_IDS[opt.bits])
     summary = write_gguf(instance, order, tensors, jlcm, opt, tmp_out)
@@ -194,10 +193,12 @@ def convert(opt: Options) -> dict:
     return summary
 
 
-def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: set[str], opt: Options) -> dict:
+def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: set[str],
+                    opt: Options) -> tuple[dict, dict]:
     """Block by block: input statistics from the quantized model's own activations (errors of earlier
     blocks included), group/fold, init, optional learning against the float block's output, pack.
-    Updates `tensors` with folded neighbours; returns the JLCM specs (and '__hessians__')."""
+    Updates `tensors` with folded neighbours; returns the JLCM specs and the input Hessian diagonals
+    ('output': the head's input)."""
     import torch
     from tqdm import tqdm
 
@@ -287,5 +288,4 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
             s = M.rms_norm(x, M.t(tensors["output_norm.weight"]), hp.rms_eps).double().pow(2).sum(0)
             hessians["output"] = hessians["output"] + s if "output" in hessians else s
     hessians["output"] = (hessians["output"] / sum(len(x) for x in x_q)).numpy()
-    jlcm["__hessians__"] = hessians
-    return jlcm
+    return jlcm, hessians

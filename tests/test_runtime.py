@@ -134,3 +134,32 @@ def test_llama_bench_runs_jlcm(tiny):
     rows = json.loads(res.stdout)
     assert {r["n_prompt"] for r in rows} == {32, 0} and all(r["avg_ts"] > 0 for r in rows)
     assert all(r["model_type"].endswith("JLCM 2-bit") for r in rows), rows[0]["model_type"]
+
+
+def test_newer_format_version_refused(tiny, tmp_path):
+    """A file that says it is a later JLCM format is refused with one clear message, not misread."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    jlcm, _ = tiny
+    r = GGUFReader(str(jlcm))
+    out = tmp_path / "v2.gguf"
+    w = GGUFWriter(str(out), r.fields["general.architecture"].contents())
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        if f.name == "jlcm.format_version":
+            w.add_uint32(f.name, 2)
+        elif f.types[0] == GGUFValueType.ARRAY:
+            w.add_array(f.name, f.contents())
+        elif f.types[0] == GGUFValueType.STRING:
+            w.add_string(f.name, f.contents())
+        else:
+            w.add_key_value(f.name, f.contents(), f.types[0])
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    res = run([tool("llama-completion"), "-m", out, "-p", "Hi", "-n", "1", "-no-cnv", "--no-warmup"], timeout=120)
+    assert res.returncode != 0
+    assert "unsupported JLCM format: jlcm.format_version must be a uint32 <= 1" in res.stderr

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
+import shutil
+from pathlib import Path
+
 from gguf import GGMLQuantizationType, GGUFWriter
 
 from .format import BLOCK_BYTES, SUFFIX_BOUNDS, SUFFIX_CB, SUFFIX_PERM, TYPE_IDS
@@ -68,6 +71,11 @@ def write_gguf(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_o
     from .format import FORMAT_VERSION, KEY_BITS, KEY_FORMAT_VERSION, KEY_GROUPS, KEY_VARIANT
 
     log = logging.getLogger("jlcm-convert")
+    # about what the file will take (JLCM payload, other tensors at most F32), checked before writing
+    need = sum(s["packed"].nbytes for s in jlcm.values()) + sum(tensors[n].nbytes for n in order if n not in jlcm)
+    free = shutil.disk_usage(Path(tmp_out).parent).free
+    if free < need:
+        raise SystemExit(f"error: {Path(tmp_out).parent} has {free:,} bytes free, the output needs about {need:,}")
     writer = instance.gguf_writer
     n_weights_jlcm = bytes_jlcm = n_weights = 0
     for name in order:

@@ -139,6 +139,17 @@ def test_bad_input_one_clear_error(smollm2, tmp_path, case, message):
     assert not out.exists() and not list(tmp_path.glob("out.gguf*"))
 
 
+def test_short_calibration_text_one_clear_error(smollm2, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("In the beginning God created the heaven and the earth.\n")
+    out = tmp_path / "out.gguf"
+    res = run(CONVERTER + [smollm2, "--outfile", out, "--calib", calib])
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: calibration text") and "need at least" in last, res.stderr[-2000:]
+    assert not list(tmp_path.glob("out.gguf*"))
+
+
 @pytest.fixture(scope="module")
 def converted(smollm2, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("conv") / "smollm2-jlcm2.gguf"

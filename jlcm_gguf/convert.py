@@ -114,10 +114,16 @@ def float_tensors(model_instance) -> tuple[dict, list]:
     writer = model_instance.gguf_writer
     original = writer.add_tensor
     writer.add_tensor = capture
+    # its per-tensor lines would say "--> F32" for what JLCM quantizes next; ours say what is written
+    upstream_log = logging.getLogger("hf-to-gguf")
+    level = upstream_log.level
+    if not log.isEnabledFor(logging.DEBUG):
+        upstream_log.setLevel(logging.WARNING)
     try:
         model_instance.prepare_tensors()
     finally:
         writer.add_tensor = original
+        upstream_log.setLevel(level)
     for name, w in captured.items():
         if not np.all(np.isfinite(w)):
             raise ConvertError(f"tensor {name} has NaN or Inf values")

@@ -41,7 +41,7 @@ LLAMA=$SDIST/vendor/llama.cpp
 mkdir -p build
 log "building llama.cpp (ccache; a clean build takes ~6 min on 2 cores)"
 cmake -S . -B build -DJLCM_LLAMA_SOURCE_DIR="$LLAMA" >build/cmake-configure.log 2>&1 || {
-    mkdir -p build; cmake -S . -B build -DJLCM_LLAMA_SOURCE_DIR="$LLAMA"; }
+    tail -30 build/cmake-configure.log; exit 1; }
 cmake --build build -j"$JOBS" --target llama-cli llama-completion llama-perplexity llama-bench llama-quantize \
     llama-imatrix llama-server test-quantize-fns test-backend-ops jlcm-kernel-check >build/cmake-build.log 2>&1 || {
     tail -50 build/cmake-build.log; exit 1; }
@@ -69,7 +69,7 @@ if [ ! -f .venv/.jlcm-llama-cpp-python ] || [ "$(cat .venv/.jlcm-llama-cpp-pytho
     echo "$libs_hash" > .venv/.jlcm-llama-cpp-python
 fi
 
-if ! "$VPY" -c "import jlcm_gguf" 2>/dev/null; then
+if [ ! -x .venv/bin/jlcm-convert ]; then  # (import jlcm_gguf would succeed from the checkout alone)
     log "installing jlcm-gguf"
     pipi --no-deps -e .
 fi

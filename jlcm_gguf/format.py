@@ -9,7 +9,6 @@ QK = 64  # weights per block
 TYPE_IDS = {2: 200, 3: 201, 4: 202}          # ggml type ids of JLCM2/3/4
 FTYPE_IDS = {2: 200, 3: 201, 4: 202}         # llama_ftype values (general.file_type)
 BLOCK_BYTES = {2: 2 + 16, 3: 2 + 16 + 8, 4: 2 + 32}
-BITS_OF_TYPE = {v: k for k, v in TYPE_IDS.items()}
 
 SUFFIX_CB = "jlcm_cb"          # i8  [2^b, n_groups, n_expert]
 SUFFIX_BOUNDS = "jlcm_bounds"  # i32 [n_groups, n_expert], exclusive end row of each group
@@ -19,20 +18,9 @@ KEY_FORMAT_VERSION = "jlcm.format_version"
 KEY_BITS = "jlcm.bits"
 KEY_GROUPS = "jlcm.groups"
 KEY_VARIANT = "jlcm.variant"
-KEY_PLAN = "jlcm.plan"
 
 DEFAULT_CODEBOOKS = {
     2: np.array([-127, -38, 38, 127], dtype=np.int8),
     3: np.array([-127, -79, -45, -14, 14, 45, 79, 127], dtype=np.int8),
     4: np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8),
 }
-
-
-def row_bytes(bits: int, ncols: int) -> int:
-    if ncols % QK:
-        raise ValueError(f"row width {ncols} is not a multiple of {QK}")
-    return ncols // QK * BLOCK_BYTES[bits]
-
-
-def bits_per_weight(bits: int) -> float:
-    return BLOCK_BYTES[bits] * 8 / QK

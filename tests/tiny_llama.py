@@ -24,22 +24,17 @@ def vocab_gguf() -> Path:
     return Path(sdist) / "vendor" / "llama.cpp" / "models" / "ggml-vocab-llama-spm.gguf"
 
 
-def copy_tokenizer(reader: GGUFReader, writer: GGUFWriter) -> int:
-    n_vocab = 0
+def copy_tokenizer(reader: GGUFReader, writer: GGUFWriter) -> None:
     for field in reader.fields.values():
         if not field.name.startswith("tokenizer."):
             continue
         vtype = field.types[0]
         if vtype == GGUFValueType.ARRAY:
-            vals = field.contents()
-            writer.add_array(field.name, vals)
-            if field.name == "tokenizer.ggml.tokens":
-                n_vocab = len(vals)
+            writer.add_array(field.name, field.contents())
         elif vtype == GGUFValueType.STRING:
             writer.add_string(field.name, field.contents())
         else:
             writer.add_key_value(field.name, field.contents(), vtype)
-    return n_vocab
 
 
 def random_weights(n_vocab: int, seed: int) -> dict[str, np.ndarray]:

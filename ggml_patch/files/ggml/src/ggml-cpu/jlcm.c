@@ -4,6 +4,7 @@
 #include "ggml-quants.h"
 
 #include <assert.h>
+#include <string.h>
 
 typedef void (*jlcm_vec_dot_cb_t)(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx,
                                   const void * GGML_RESTRICT vy, const int8_t * GGML_RESTRICT cb);
@@ -119,11 +120,14 @@ void ggml_compute_forward_get_rows_jlcm(const struct ggml_compute_params * param
 
         const struct jlcm_groups g = jlcm_groups_of(src0, i11);
         const int64_t r = g.inv ? g.inv[i01] : i01; // stored position of the original row
-        GGML_ASSERT(r >= 0 && r < ne01);
+        float * out = (float *) ((char *) dst->data + i10*nb1 + i11*nb2 + i12*nb3);
+        if (r < 0 || r >= ne01) { // a bad permutation gives a zero row instead of reading out of bounds
+            memset(out, 0, nc*sizeof(float));
+            continue;
+        }
         const int64_t grp = jlcm_group_of_row(&g, r);
 
         ggml_jlcm_dequantize_row(src0->type,
-                (const char *) src0->data + r*nb01 + i11*nb02 + i12*nb03,
-                (float *) ((char *) dst->data + i10*nb1 + i11*nb2 + i12*nb3), nc, g.cb + grp*g.n_cb);
+                (const char *) src0->data + r*nb01 + i11*nb02 + i12*nb03, out, nc, g.cb + grp*g.n_cb);
     }
 }

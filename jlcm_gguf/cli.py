@@ -27,6 +27,8 @@ def parse_args(argv=None) -> Options:
                     help="Adam steps of joint codebook/mapping learning per transformer block (0: none; see docs/ALGORITHM.md)")
     ap.add_argument("--no-learn", action="store_true", help="k-means codebooks only (no learning)")
     ap.add_argument("--plain-ste", action="store_true", help="plain straight-through mapping gradient (ablation)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted conversion from its last finished block (OUTFILE.jlcm-resume/)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
     ap.add_argument("--verbose", action="store_true")
@@ -35,7 +37,8 @@ def parse_args(argv=None) -> Options:
     outfile = a.outfile or a.model / f"{a.model.name}-jlcm{a.bits}.gguf"
     return Options(model=a.model, outfile=outfile, bits=a.bits, groups=a.groups, variant=a.variant,
                    embd_type=a.embd_type, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                   threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, plain_ste=a.plain_ste)
+                   threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, plain_ste=a.plain_ste,
+                   resume=a.resume)
 
 
 def main(argv=None) -> int:
@@ -43,7 +46,9 @@ def main(argv=None) -> int:
     try:
         s = convert(opt)  # ConvertError (a SystemExit) prints its one line and exits 1
     except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
+        from .checkpoint import SUFFIX
+        print(f"interrupted: no output written; finished blocks are kept in {opt.outfile}{SUFFIX}/ "
+              "for --resume", file=sys.stderr)
         return 130
     print(f"wrote {s['file']}: {s['bytes']:,} bytes, {s['bpw']:.3f} bits per weight overall, "
           f"{s['jlcm_bpw']:.3f} in JLCM tensors ({s['seconds']:.0f} s)")

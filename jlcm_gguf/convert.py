@@ -28,8 +28,9 @@ SUPPORTED_ARCHS = {"LlamaForCausalLM": False, "Qwen2ForCausalLM": True}  # -> ro
 class ConvertError(SystemExit):
     """One clear message, exit status 1."""
 
-    def __init__(self, msg: str):
-        super().__init__(f"error: {msg}")
+    def __init__(self, msg: str, limit: int = 400):
+        one_line = " ".join(str(msg).split())
+        super().__init__("error: " + (one_line if len(one_line) <= limit else one_line[:limit - 3] + "..."))
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Options:
     threads: int = 0
     learn_steps: int = 0       # 0: k-means codebooks only (--no-learn)
     plain_ste: bool = False
+    resume: bool = False       # continue an interrupted conversion from its last finished block
 
 
 def llama_cpp_dir() -> Path:
@@ -130,23 +132,50 @@ def float_tensors(model_instance) -> tuple[dict, list]:
     return captured, names
 
 
-def quantized_names(tensors: dict, hp: Hparams, embd_type: str) -> set[str]:
-    out = set()
+def check_shapes(tensors: dict, hp: Hparams) -> None:
+    """Every weight the graph uses has the shape config.json implies (GGUF order: [rows, columns])."""
+    kv = hp.n_head_kv * hp.head_dim
+    expected = {"token_embd.weight": (None, hp.n_embd), "output.weight": (None, hp.n_embd),
+                "output_norm.weight": (hp.n_embd,)}
     for bid in range(hp.n_layer):
-        for n in LINEARS:
-            name = f"blk.{bid}.{n}.weight"
-            if name in tensors and tensors[name].ndim == 2 and tensors[name].shape[1] % F.QK == 0:
-                out.add(name)
+        p = f"blk.{bid}."
+        expected.update({p + "attn_norm.weight": (hp.n_embd,), p + "ffn_norm.weight": (hp.n_embd,),
+                         p + "attn_q.weight": (hp.n_head * hp.head_dim, hp.n_embd), p + "attn_k.weight": (kv, hp.n_embd),
+                         p + "attn_v.weight": (kv, hp.n_embd), p + "attn_output.weight": (hp.n_embd, hp.n_head * hp.head_dim),
+                         p + "ffn_gate.weight": (hp.n_ff, hp.n_embd), p + "ffn_up.weight": (hp.n_ff, hp.n_embd),
+                         p + "ffn_down.weight": (hp.n_embd, hp.n_ff)})
+    for name, shape in expected.items():
+        if name not in tensors:
+            if name != "output.weight":  # tied embeddings have no output
+                raise ConvertError(f"the checkpoint has no tensor for {name} (config.json has {hp.n_layer} layers)")
+            continue
+        got = tensors[name].shape
+        if len(got) != len(shape) or any(e is not None and e != g for e, g in zip(shape, got)):
+            want = "x".join("*" if e is None else str(e) for e in shape)
+            raise ConvertError(f"shape mismatch: {name} is {'x'.join(map(str, got))}, config.json implies {want}")
+
+
+def quantized_names(tensors: dict, hp: Hparams, embd_type: str) -> set[str]:
+    """The matrices JLCM stores; a width its 64-weight block does not divide falls back, with a notice."""
+    candidates = [f"blk.{bid}.{n}.weight" for bid in range(hp.n_layer) for n in LINEARS]
     if embd_type.startswith("jlcm"):
-        for name in ("token_embd.weight", "output.weight"):
-            if name in tensors and tensors[name].shape[1] % F.QK == 0:
-                out.add(name)
+        candidates += ["token_embd.weight", "output.weight"]
+    out = set()
+    for name in candidates:
+        if name not in tensors or tensors[name].ndim != 2:
+            continue
+        if tensors[name].shape[1] % F.QK:
+            log.warning("notice: %s has width %d, not a multiple of %d: stored in a standard type instead of JLCM",
+                        name, tensors[name].shape[1], F.QK)
+            continue
+        out.add(name)
     return out
 
 
 def convert(opt: Options) -> dict:
     """Entry point of the converter. Returns a summary (sizes, bits per weight, timing)."""
     from .calib import calibration_tokens, default_calibration_text
+    from .checkpoint import Checkpoint, fingerprint
     from .fold import fold_global
     from .init import init_codebooks
     from .pack import quantize_to_codebooks
@@ -172,8 +201,15 @@ def convert(opt: Options) -> dict:
         instance = model_class(opt.model, gguf.LlamaFileType.ALL_F32, tmp_out, eager=True)
         log.info("reading %s", opt.model)
         tensors, order = float_tensors(instance)
+    check_shapes(tensors, hp)
 
     from transformers import AutoTokenizer
+    tok_json = opt.model / "tokenizer.json"
+    if tok_json.is_file():
+        try:
+            json.loads(tok_json.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConvertError(f"cannot load the tokenizer of {opt.model}: {tok_json.name} is not readable JSON ({e})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(opt.model))
     except Exception as e:  # noqa: BLE001 - any failure here is a bad tokenizer
@@ -181,8 +217,17 @@ def convert(opt: Options) -> dict:
     calib = opt.calib or default_calibration_text()
     tokens = calibration_tokens(calib, tokenizer, opt.nsamples, opt.seqlen, opt.seed)
 
+    ckpt = Checkpoint(opt.outfile, fingerprint(opt, tokens))
+    found = ckpt.found()
+    if found and not opt.resume:
+        raise ConvertError(f"{ckpt.dir} holds an interrupted conversion ({found[0]} of {hp.n_layer} blocks done): "
+                           "pass --resume to continue it, or delete that folder")
+    if found and not found[1]:
+        raise ConvertError(f"{ckpt.dir} is the checkpoint of a conversion with other options or input: "
+                           "resume with the same ones, or delete that folder")
+
     quantized = quantized_names(tensors, hp, opt.embd_type)
-    jlcm, hessians = quantize_blocks(tensors, hp, tokens, quantized, opt)
+    jlcm, hessians = quantize_blocks(tensors, hp, tokens, quantized, opt, ckpt)
     embd_bits = int(opt.embd_type[4:]) if opt.embd_type.startswith("jlcm") else None
     for name in ("token_embd.weight", "output.weight"):
         if name in quantized:
@@ -195,16 +240,18 @@ def convert(opt: Options) -> dict:
 
     instance.ftype = gguf.LlamaFileType(F.FTYPE_IDS[opt.bits])
     summary = write_gguf(instance, order, tensors, jlcm, opt, tmp_out)
+    ckpt.remove()
     summary["seconds"] = time.time() - t0
     return summary
 
 
 def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: set[str],
-                    opt: Options) -> tuple[dict, dict]:
+                    opt: Options, ckpt=None) -> tuple[dict, dict]:
     """Block by block: input statistics from the quantized model's own activations (errors of earlier
     blocks included), group/fold, init, optional learning against the float block's output, pack.
     Updates `tensors` with folded neighbours; returns the JLCM specs and the input Hessian diagonals
-    ('output': the head's input)."""
+    ('output': the head's input). With a checkpoint, each finished block is saved and a resumed run
+    starts after the last one saved."""
     import torch
     from tqdm import tqdm
 
@@ -216,10 +263,16 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
 
     jlcm: dict = {}
     hessians: dict = {}
-    with torch.inference_mode():
-        x_q = [M.embed(s, tensors) for s in tokens]
-    x_f = list(x_q)
-    bar = tqdm(range(hp.n_layer), desc="JLCM layers", unit="layer")
+    start = 0
+    if ckpt is not None and ckpt.found():
+        start, x_q, x_f = ckpt.restore(jlcm, tensors)
+        x_f = x_f if x_f is not None else x_q
+        log.info("resuming after block %d of %d from %s", start, hp.n_layer, ckpt.dir)
+    else:
+        with torch.inference_mode():
+            x_q = [M.embed(s, tensors) for s in tokens]
+        x_f = list(x_q)
+    bar = tqdm(range(start, hp.n_layer), total=hp.n_layer, initial=start, desc="JLCM layers", unit="layer")
     for bid in bar:
         sums: dict[str, torch.Tensor] = {}
 
@@ -235,6 +288,8 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         hessians.update({k: (v / count).numpy() for k, v in sums.items()})
 
         res = fold_layer(tensors, hessians, bid, hp, opt.groups, opt.seed + bid, quantized)
+        # what a resumed run needs besides the packed weights: unquantized tensors the folds changed
+        folded = {k: v for k, v in res.tensors.items() if v is not tensors.get(k) and k not in res.orders}
         tensors.update(res.tensors)
         hessians.update(res.hessians)
         specs = {}
@@ -289,6 +344,8 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         with torch.inference_mode():
             x_q = [M.block_forward(x, qt, bid, hp) for x in x_q]
         x_f = y_f if y_f is not None else x_q
+        if ckpt is not None:
+            ckpt.save(bid, {n: jlcm[n] for n in specs}, folded, x_q, y_f)
     with torch.inference_mode():
         for x in x_q:
             s = M.rms_norm(x, M.t(tensors["output_norm.weight"]), hp.rms_eps).double().pow(2).sum(0)

@@ -1,11 +1,14 @@
 """Write step: JLCM weights and their companion tensors into a gguf-py GGUFWriter (docs/FORMAT.md)."""
 from __future__ import annotations
 
-import numpy as np
+import errno
+import logging
+import os
 import shutil
 from pathlib import Path
 
-from gguf import GGMLQuantizationType, GGUFWriter
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from .format import BLOCK_BYTES, SUFFIX_BOUNDS, SUFFIX_CB, SUFFIX_PERM, TYPE_IDS
 
@@ -59,23 +62,58 @@ def standard_type(name: str, arr: np.ndarray, embd_type: str) -> GGMLQuantizatio
     return GGMLQuantizationType.Q8_0 if arr.shape[-1] % 32 == 0 else GGMLQuantizationType.F16
 
 
+def verify_written(path, order: list[str], jlcm: dict) -> None:
+    """Re-reads the file before the rename, so a truncated or inconsistent one never takes the output's
+    name: every tensor there, the data section ending at the file's end, the JLCM payloads as packed."""
+    from .convert import ConvertError  # (convert imports this module)
+
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, OSError) as e:
+        raise ConvertError(f"the file written to {path} does not read back: {e}")
+    by_name = {t.name: t for t in reader.tensors}
+    n_expected = len(order) + sum(2 + (s["perm"] is not None) for s in jlcm.values())
+    if len(by_name) != n_expected or any(n not in by_name for n in order):
+        raise ConvertError(f"{path}: wrote {len(by_name)} tensors, expected {n_expected}")
+    end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+    if end > os.path.getsize(path):
+        raise ConvertError(f"{path} is truncated: its tensors end at byte {end:,}, the file at {os.path.getsize(path):,}")
+    for name, spec in jlcm.items():
+        if not np.array_equal(np.asarray(by_name[name].data).reshape(spec["packed"].shape), spec["packed"]):
+            raise ConvertError(f"{path}: {name} did not read back as written")
+
+
 def write_gguf(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_out) -> dict:
     """Entry point of the write step: every tensor in the converter's order, JLCM ones with companions,
-    the metadata of the vendored converter plus jlcm.*; written to tmp_out, re-read, renamed."""
-    import logging
-    import os
+    the metadata of the vendored converter plus jlcm.*; written to tmp_out, re-read, renamed. On any
+    failure (a full disk included) the temporary file is removed and the output name stays untouched."""
+    from .convert import ConvertError
 
-    from gguf import GGUFReader
+    # about what the file will take (JLCM payload, other tensors at most F32), checked before writing
+    need = sum(s["packed"].nbytes for s in jlcm.values()) + sum(tensors[n].nbytes for n in order if n not in jlcm)
+    free = shutil.disk_usage(Path(tmp_out).parent).free
+    if free < need:
+        raise ConvertError(f"{Path(tmp_out).parent} has {free:,} bytes free, the output needs about {need:,}")
+    try:
+        summary = _write_and_verify(instance, order, tensors, jlcm, opt, tmp_out)
+    except OSError as e:
+        Path(tmp_out).unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ConvertError(f"no space left on the device writing {opt.outfile}; nothing was written "
+                               f"(the checkpoint of the finished blocks is kept for --resume)")
+        raise ConvertError(f"cannot write {opt.outfile}: {e}")
+    except BaseException:
+        Path(tmp_out).unlink(missing_ok=True)
+        raise
+    return summary
+
+
+def _write_and_verify(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_out) -> dict:
     from gguf.quants import quantize
 
     from .format import FORMAT_VERSION, KEY_BITS, KEY_FORMAT_VERSION, KEY_GROUPS, KEY_VARIANT
 
     log = logging.getLogger("jlcm-convert")
-    # about what the file will take (JLCM payload, other tensors at most F32), checked before writing
-    need = sum(s["packed"].nbytes for s in jlcm.values()) + sum(tensors[n].nbytes for n in order if n not in jlcm)
-    free = shutil.disk_usage(Path(tmp_out).parent).free
-    if free < need:
-        raise SystemExit(f"error: {Path(tmp_out).parent} has {free:,} bytes free, the output needs about {need:,}")
     writer = instance.gguf_writer
     n_weights_jlcm = bytes_jlcm = n_weights = 0
     for name in order:
@@ -104,11 +142,7 @@ def write_gguf(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_o
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=True)
     writer.close()
-    # re-read before the rename: a truncated or inconsistent file never takes the output's name
-    n_expected = len(order) + sum(2 + (s["perm"] is not None) for s in jlcm.values())
-    reader = GGUFReader(str(tmp_out))
-    if len(reader.tensors) != n_expected:
-        raise RuntimeError(f"{tmp_out}: wrote {len(reader.tensors)} tensors, expected {n_expected}")
+    verify_written(tmp_out, order, jlcm)
     os.replace(tmp_out, opt.outfile)
     size = os.path.getsize(opt.outfile)
     return {"file": str(opt.outfile), "bytes": size, "weights": n_weights, "bpw": 8 * size / n_weights,

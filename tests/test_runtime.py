@@ -138,22 +138,14 @@ def test_llama_bench_runs_jlcm(tiny):
 
 def test_newer_format_version_refused(tiny, tmp_path):
     """A file that says it is a later JLCM format is refused with one clear message, not misread."""
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from gguf import GGUFReader, GGUFWriter
+    from tiny_llama import copy_metadata
     jlcm, _ = tiny
     r = GGUFReader(str(jlcm))
     out = tmp_path / "v2.gguf"
     w = GGUFWriter(str(out), r.fields["general.architecture"].contents())
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        if f.name == "jlcm.format_version":
-            w.add_uint32(f.name, 2)
-        elif f.types[0] == GGUFValueType.ARRAY:
-            w.add_array(f.name, f.contents())
-        elif f.types[0] == GGUFValueType.STRING:
-            w.add_string(f.name, f.contents())
-        else:
-            w.add_key_value(f.name, f.contents(), f.types[0])
+    copy_metadata(r, w, lambda name: name != "jlcm.format_version")
+    w.add_uint32("jlcm.format_version", 2)
     for t in r.tensors:
         w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
     w.write_header_to_file()

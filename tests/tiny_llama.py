@@ -25,8 +25,13 @@ def vocab_gguf() -> Path:
 
 
 def copy_tokenizer(reader: GGUFReader, writer: GGUFWriter) -> None:
+    copy_metadata(reader, writer, lambda name: name.startswith("tokenizer."))
+
+
+def copy_metadata(reader: GGUFReader, writer: GGUFWriter, keep=lambda name: True) -> None:
+    """Copies the key-value fields whose names keep() accepts (the writer has its architecture already)."""
     for field in reader.fields.values():
-        if not field.name.startswith("tokenizer."):
+        if field.name.startswith("GGUF.") or field.name == "general.architecture" or not keep(field.name):
             continue
         vtype = field.types[0]
         if vtype == GGUFValueType.ARRAY:

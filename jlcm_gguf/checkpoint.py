@@ -1,0 +1,95 @@
+"""Resumable conversions: after each transformer block, what the later blocks and the writer need.
+
+A folder next to the output (`OUT.gguf.jlcm-resume/`) holds, per finished block, its packed JLCM
+weights and the neighbours folding changed (`block-NNN.npz`), and the quantized model's activations
+after the last finished block (`state.npz`, whose `done` counts the finished blocks). Every file is
+written to a temporary name and renamed, so a kill at any moment leaves a consistent folder. A
+fingerprint of the options, the calibration tokens and the input files guards against resuming with
+anything else. Everything downstream is deterministic, so a resumed conversion writes the same bytes as
+an uninterrupted one (tests/test_robustness.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+SUFFIX = ".jlcm-resume"
+FINGERPRINT_OPTIONS = ("bits", "groups", "variant", "embd_type", "nsamples", "seqlen", "seed", "learn_steps",
+                       "plain_ste")
+
+
+def fingerprint(opt, tokens: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({k: getattr(opt, k) for k in FINGERPRINT_OPTIONS}, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(tokens).tobytes())
+    for f in sorted(Path(opt.model).iterdir()):
+        if f.suffix in (".json", ".safetensors", ".model"):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Checkpoint:
+    def __init__(self, outfile: Path, key: str):
+        self.dir = Path(str(outfile) + SUFFIX)
+        self.key = key
+
+    def found(self) -> tuple[int, bool] | None:
+        """(finished blocks, same fingerprint) of an earlier run's checkpoint, or None."""
+        state = self.dir / "state.npz"
+        if not state.exists():
+            return None
+        with np.load(state) as z:
+            return int(z["done"]), str(z["key"]) == self.key
+
+    def save(self, bid: int, specs: dict, folded: dict, x_q: list, x_f: list | None) -> None:
+        """Block bid is finished: its JLCM specs, the tensors folding changed, the activations after it."""
+        self.dir.mkdir(exist_ok=True)
+        arrays = {}
+        for name, s in specs.items():
+            for k in ("packed", "codebooks", "bounds", "perm"):
+                if s[k] is not None:
+                    arrays[f"jlcm|{name}|{k}"] = s[k]
+            arrays[f"jlcm|{name}|bits"] = np.int64(s["bits"])
+        for name, t in folded.items():
+            arrays[f"tensor|{name}"] = t
+        _save_npz(self.dir / f"block-{bid:03d}.npz", arrays)
+        state = {"key": np.str_(self.key), "done": np.int64(bid + 1), "x_q": np.stack([x.numpy() for x in x_q])}
+        if x_f is not None:
+            state["x_f"] = np.stack([x.numpy() for x in x_f])
+        _save_npz(self.dir / "state.npz", state)
+
+    def restore(self, jlcm: dict, tensors: dict) -> tuple[int, list, list | None]:
+        """Loads the finished blocks into jlcm and tensors; returns (blocks done, x_q, x_f or None)."""
+        import torch
+        with np.load(self.dir / "state.npz") as z:
+            done = int(z["done"])
+            x_q = [torch.from_numpy(x) for x in z["x_q"]]
+            x_f = [torch.from_numpy(x) for x in z["x_f"]] if "x_f" in z else None
+        for bid in range(done):
+            with np.load(self.dir / f"block-{bid:03d}.npz") as z:
+                for key in z.files:
+                    kind, name, *field = key.split("|")
+                    if kind == "tensor":
+                        tensors[name] = z[key]
+                    else:
+                        spec = jlcm.setdefault(name, {"perm": None})
+                        spec[field[0]] = int(z[key]) if field[0] == "bits" else z[key]
+        return done, x_q, x_f
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

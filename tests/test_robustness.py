@@ -1,0 +1,291 @@
+"""Bad input and interruptions: the converter gives one clear error and loses nothing, a killed conversion
+resumes to the same bytes, and the patched loader refuses hostile JLCM files with one message naming the
+tensor instead of crashing (llama.cpp's tools and llama-cpp-python alike)."""
+from __future__ import annotations
+
+import errno
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run, tool
+
+CONVERTER = [sys.executable, str(ROOT / "convert_hf_to_jlcm_gguf.py")]
+FAST = ["--bits", "2", "--groups", "4", "--nsamples", "4", "--seqlen", "64", "--embd-type", "q8_0", "--threads", "2"]
+N_LAYER = 6
+
+
+def small_model(src: Path, dst: Path, n_layer: int = N_LAYER, n_ff: int | None = None,
+                edit=None, config_patch: dict | None = None) -> Path:
+    """The first n_layer blocks of the real SmolLM2 (FFN cut to n_ff neurons if given) as an HF folder."""
+    from safetensors.numpy import load_file, save_file
+    dst.mkdir(parents=True)
+    weights = load_file(str(src / "model.safetensors"))
+    keep = {}
+    for k, v in weights.items():
+        if k.startswith("model.layers."):
+            if int(k.split(".")[2]) >= n_layer:
+                continue
+            if n_ff and ("gate_proj" in k or "up_proj" in k):
+                v = v[:n_ff]
+            elif n_ff and "down_proj" in k:
+                v = np.ascontiguousarray(v[:, :n_ff])
+        keep[k] = v
+    if edit:
+        edit(keep)
+    save_file(keep, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_hidden_layers"] = n_layer
+    if n_ff:
+        cfg["intermediate_size"] = n_ff
+    cfg.update(config_patch or {})
+    (dst / "config.json").write_text(json.dumps(cfg))
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer"):
+            (dst / f.name).symlink_to(f)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    from jlcm_gguf.models import smollm2_hf_dir
+    return smollm2_hf_dir()
+
+
+@pytest.fixture(scope="module")
+def small(smollm2, tmp_path_factory) -> Path:
+    return small_model(smollm2, tmp_path_factory.mktemp("small") / "m")
+
+
+@pytest.fixture(scope="module")
+def small_reference(small, tmp_path_factory) -> Path:
+    """An uninterrupted conversion of the small model."""
+    out = tmp_path_factory.mktemp("ref") / "ref.gguf"
+    res = run(CONVERTER + [small, "--outfile", out] + FAST)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def _last_line(res) -> str:
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    return lines[-1] if lines else ""
+
+
+def _blocks_done(ckpt: Path) -> int:
+    try:
+        with np.load(ckpt / "state.npz") as z:
+            return int(z["done"])
+    except (OSError, ValueError, KeyError, EOFError):
+        return 0
+
+
+def test_kill_and_resume_gives_the_same_file(small, small_reference, tmp_path):
+    out = tmp_path / "out.gguf"
+    ckpt = Path(str(out) + ".jlcm-resume")
+    proc = subprocess.Popen([str(a) for a in CONVERTER + [small, "--outfile", out] + FAST],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while _blocks_done(ckpt) < 2:
+        assert proc.poll() is None, f"the conversion ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, "no block finished in 300 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = _blocks_done(ckpt)
+    assert 2 <= done < N_LAYER, done
+    assert not out.exists() and not list(tmp_path.glob("out.gguf.tmp*"))
+
+    # a plain re-run refuses rather than silently discarding (or silently reusing) the finished blocks
+    res = run(CONVERTER + [small, "--outfile", out] + FAST)
+    assert res.returncode == 1 and "--resume" in _last_line(res) and "interrupted conversion" in _last_line(res)
+    assert _blocks_done(ckpt) == done and not out.exists()
+    # resuming with other options is refused
+    res = run(CONVERTER + [small, "--outfile", out, "--resume"] + FAST[:2] + ["--groups", "8"] + FAST[4:])
+    assert res.returncode == 1 and "other options or input" in _last_line(res)
+
+    res = run(CONVERTER + [small, "--outfile", out, "--resume"] + FAST)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming after block {done} of {N_LAYER}" in res.stderr
+    assert out.read_bytes() == small_reference.read_bytes()
+    assert not ckpt.exists() and not list(tmp_path.glob("out.gguf.tmp*"))
+
+
+@pytest.mark.parametrize("case,message", [
+    ("unreadable_tokenizer", "cannot load the tokenizer"),
+    ("shape_mismatch", "shape mismatch: blk.0.ffn_gate.weight is 1536x576, config.json implies 1600x576"),
+    ("missing_layer", "the checkpoint has no tensor for blk.5.attn_norm.weight (config.json has 6 layers)"),
+    ("nan_weights", "tensor blk.1.ffn_down.weight has NaN or Inf values"),
+])
+def test_bad_checkpoint_one_clear_error(smollm2, tmp_path, case, message):
+    if case == "unreadable_tokenizer":
+        model = small_model(smollm2, tmp_path / "m", n_layer=1)
+        (model / "tokenizer.json").unlink()
+        (model / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": ')
+    elif case == "shape_mismatch":
+        model = small_model(smollm2, tmp_path / "m", n_layer=1, config_patch={"intermediate_size": 1600})
+    elif case == "missing_layer":
+        model = small_model(smollm2, tmp_path / "m", n_layer=5, config_patch={"num_hidden_layers": 6})
+    else:
+        def poison(w):
+            w["model.layers.1.mlp.down_proj.weight"][3, 7] = np.nan
+        model = small_model(smollm2, tmp_path / "m", n_layer=2, edit=poison)
+    out = tmp_path / "out.gguf"
+    res = run(CONVERTER + [model, "--outfile", out] + FAST)
+    assert res.returncode == 1, res.stderr[-3000:]
+    last = _last_line(res)
+    assert last.startswith("error: ") and message in last, res.stderr[-3000:]
+    assert not list(tmp_path.glob("out.gguf*"))
+
+
+def test_width_jlcm_does_not_divide_falls_back_with_notice(smollm2, tmp_path):
+    """An FFN of 160 neurons: ffn_down's width 160 is not a multiple of 64, so that tensor alone is stored
+    as Q8_0 with a notice; the file is complete and runs in llama.cpp."""
+    from gguf import GGUFReader
+    model = small_model(smollm2, tmp_path / "m", n_layer=2, n_ff=160)
+    out = tmp_path / "out.gguf"
+    res = run(CONVERTER + [model, "--outfile", out] + FAST)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for bid in range(2):
+        assert (f"notice: blk.{bid}.ffn_down.weight has width 160, not a multiple of 64: "
+                "stored in a standard type instead of JLCM") in res.stderr
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(out)).tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q8_0" and types["blk.0.ffn_up.weight"] == "JLCM2"
+    res = run([tool("llama-completion"), "-m", out, "-p", "In the beginning", "-n", "4", "-t", "2", "-no-cnv",
+               "--no-warmup", "--temp", "0"], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def _convert_in_process(model: Path, out: Path, **kw):
+    from jlcm_gguf.convert import Options, convert
+    return convert(Options(model=model, outfile=out, bits=2, groups=4, nsamples=4, seqlen=64, embd_type="q8_0", **kw))
+
+
+def test_full_disk_while_writing_loses_nothing(small, tmp_path, monkeypatch):
+    """The disk fills up half way through the tensor data: one clear error, no output and no temporary
+    file, and the finished blocks stay for --resume."""
+    from gguf import GGUFWriter
+    from jlcm_gguf.convert import ConvertError
+
+    original = GGUFWriter.write_tensors_to_file
+
+    def fill_up(self, *a, **kw):
+        self.fout[0].write(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(GGUFWriter, "write_tensors_to_file", fill_up)
+    out = tmp_path / "out.gguf"
+    with pytest.raises(ConvertError, match="no space left on the device writing .*out.gguf; nothing was written"):
+        _convert_in_process(small, out)
+    assert not out.exists() and not list(tmp_path.glob("out.gguf.tmp*"))
+    assert _blocks_done(Path(str(out) + ".jlcm-resume")) == N_LAYER
+    monkeypatch.setattr(GGUFWriter, "write_tensors_to_file", original)
+    summary = _convert_in_process(small, out, resume=True)
+    assert summary["bytes"] == out.stat().st_size
+
+
+def test_not_enough_free_space_is_checked_first(small, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    from jlcm_gguf.convert import ConvertError
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 6, 10 ** 6 - 1000, 1000))
+    out = tmp_path / "out.gguf"
+    with pytest.raises(ConvertError, match="has 1,000 bytes free, the output needs about"):
+        _convert_in_process(small, out)
+    assert not out.exists() and not list(tmp_path.glob("out.gguf.tmp*"))
+
+
+# ---- hostile JLCM files through the real loader ----
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from tiny_llama import make_pair
+    return make_pair(tmp_path_factory.mktemp("tiny"))[0]
+
+
+def _rewrite(src: Path, dst: Path, change) -> Path:
+    """src with change(tensors) applied: tensors maps name -> (array, type), in file order."""
+    from gguf import GGUFReader, GGUFWriter
+    from tiny_llama import copy_metadata
+    r = GGUFReader(str(src))
+    tensors = {t.name: (np.array(t.data), t.tensor_type) for t in r.tensors}
+    change(tensors)
+    w = GGUFWriter(str(dst), r.fields["general.architecture"].contents())
+    copy_metadata(r, w)
+    for name, (arr, qtype) in tensors.items():
+        w.add_tensor(name, arr, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def _set(tensors, name, fn):
+    arr, qtype = tensors[name]
+    tensors[name] = (fn(arr.copy()), qtype)
+
+
+def _bad_bounds(a):
+    a[..., 1] = a[..., 0]
+    return a
+
+
+def _bad_perm(a):
+    a[0, 0] = a[0, 1]
+    return a
+
+
+HOSTILE = {
+    "bounds_not_increasing": (lambda t: _set(t, "blk.0.attn_q.weight.jlcm_bounds", _bad_bounds),
+                              "invalid JLCM tensor blk.0.attn_q.weight: blk.0.attn_q.weight.jlcm_bounds: group bound 1"),
+    "perm_not_bijection": (lambda t: _set(t, "blk.1.ffn_down.weight.jlcm_perm", _bad_perm),
+                           "invalid JLCM tensor blk.1.ffn_down.weight: blk.1.ffn_down.weight.jlcm_perm: not a permutation"),
+    "codebook_wrong_shape": (lambda t: _set(t, "blk.0.ffn_up.weight.jlcm_cb", lambda a: a[..., :2].copy()),
+                             "invalid JLCM tensor: blk.0.ffn_up.weight: codebook blk.0.ffn_up.weight.jlcm_cb must be i8"),
+    "bounds_missing": (lambda t: t.pop("blk.0.attn_k.weight.jlcm_bounds"),
+                       "invalid JLCM tensor: blk.0.attn_k.weight: codebook and group bounds must both be present"),
+    "orphan_companion": (lambda t: t.__setitem__("blk.0.attn_norm.weight.jlcm_cb", t["blk.0.attn_q.weight.jlcm_cb"]),
+                         "wrong number of tensors"),
+}
+
+
+def _load_in_python(path: Path):
+    """llama-cpp-python loading path in a process of its own: it must raise, and the process live on."""
+    code = ("import sys, llama_cpp\n"
+            "try:\n    llama_cpp.Llama(model_path=sys.argv[1], verbose=True)\n"
+            "except ValueError as e:\n    print('refused:', e)\n")
+    res = run([sys.executable, "-c", code, path], timeout=120)
+    assert res.returncode == 0 and "refused: Failed to load model from file" in res.stdout, res.stderr[-2000:]
+    return res
+
+
+@pytest.mark.parametrize("fault", sorted(HOSTILE))
+def test_hostile_file_refused_by_the_loader(tiny, tmp_path, fault):
+    change, message = HOSTILE[fault]
+    bad = _rewrite(tiny, tmp_path / "bad.gguf", change)
+    res = run([tool("llama-completion"), "-m", bad, "-p", "Hi", "-n", "1", "-no-cnv", "--no-warmup", "-t", "2"],
+              timeout=120)
+    # a clean failure, not a signal (the tool's asynchronous log may lose its last lines at exit: upstream
+    # llama.cpp issue 22142, so the message is checked below, where logging is synchronous)
+    assert res.returncode > 0, f"exit {res.returncode} (a negative one is a signal): {res.stderr[-2000:]}"
+    # an application embedding llama-cpp-python gets an exception, and its process lives on
+    res = _load_in_python(bad)
+    assert message in res.stderr, res.stderr[-3000:]
+
+
+def test_truncated_file_refused(tiny, tmp_path):
+    data = tiny.read_bytes()
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(data[:len(data) - 1000])
+    res = run([tool("llama-completion"), "-m", bad, "-p", "Hi", "-n", "1", "-no-cnv", "--no-warmup"], timeout=120)
+    assert res.returncode > 0, res.stderr[-2000:]
+    res = _load_in_python(bad)
+    assert "data is not within the file bounds, model is corrupted or incomplete" in res.stderr, res.stderr[-3000:]

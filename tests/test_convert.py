@@ -3,6 +3,8 @@ one clear error, and SmolLM2 converted at 2 bits runs in llama-cli, llama-perple
 llama-cpp-python."""
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import math
 import shutil
@@ -205,16 +207,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_converted_serves_completion(converted):
-    path, _ = converted
+@contextlib.contextmanager
+def llama_server(path: Path, *args: str):
+    """A llama-server on a free loopback port, healthy; yields its base URL and process."""
     port = _free_port()
     proc = subprocess.Popen([str(tool("llama-server")), "-m", str(path), "--host", "127.0.0.1", "--port", str(port),
-                             "-t", "2", "-c", "512"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "-t", "2", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                     if r.status == 200:
                         break
             except OSError:
@@ -222,15 +226,63 @@ def test_converted_serves_completion(converted):
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.time() < deadline, "llama-server did not become healthy"
             time.sleep(0.5)
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/completion",
-                                     data=json.dumps({"prompt": "Hello", "n_predict": 8, "temperature": 0}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            body = json.loads(r.read())
-        assert body["tokens_predicted"] == 8 and isinstance(body["content"], str)
+        yield url, proc
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _complete(url: str, prompt: str, n_predict: int, timeout: float = 120, **extra) -> dict:
+    req = urllib.request.Request(f"{url}/completion", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"prompt": prompt, "n_predict": n_predict, "temperature": 0,
+                                                  **extra}).encode())
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def test_converted_serves_completion(converted):
+    path, _ = converted
+    with llama_server(path, "-c", "512") as (url, _):
+        body = _complete(url, "Hello", 8)
+        assert body["tokens_predicted"] == 8 and isinstance(body["content"], str)
+
+
+def test_server_under_concurrent_load(converted):
+    """4 clients x 4 requests (streamed and not) at once against 4 slots, bounded in count and time: every
+    response is complete and the server stays up and healthy."""
+    path, _ = converted
+    n_clients, n_requests, n_predict = 4, 4, 24
+    prompts = ["In the beginning", "The capital of France is", "Once upon a time", "def fibonacci(n):"]
+
+    def client(i: int) -> list[str]:
+        problems = []
+        for k in range(n_requests):
+            prompt = f"{prompts[(i + k) % len(prompts)]} ({i}.{k})"
+            if k % 2:
+                body = _complete(url, prompt, n_predict, ignore_eos=True)
+                if body.get("tokens_predicted") != n_predict or not body.get("stop"):
+                    problems.append(f"client {i} request {k}: {body.get('tokens_predicted')} tokens, stop={body.get('stop')}")
+            else:  # server-sent events, as chat front ends read them
+                req = urllib.request.Request(f"{url}/completion", headers={"Content-Type": "application/json"},
+                                             data=json.dumps({"prompt": prompt, "n_predict": n_predict, "stream": True,
+                                                              "temperature": 0, "ignore_eos": True}).encode())
+                events = []
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    for line in r:
+                        if line.startswith(b"data: "):
+                            events.append(json.loads(line[6:]))
+                if not events or not events[-1].get("stop") or events[-1].get("tokens_predicted") != n_predict:
+                    problems.append(f"client {i} stream {k}: last event {events[-1] if events else None}")
+        return problems
+
+    with llama_server(path, "-c", "2048", "-np", str(n_clients)) as (url, proc):
+        with concurrent.futures.ThreadPoolExecutor(n_clients) as pool:
+            problems = [p for f in [pool.submit(client, i) for i in range(n_clients)] for p in f.result(timeout=600)]
+        assert not problems, problems
+        assert proc.poll() is None, "llama-server exited under load"
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+            assert r.status == 200
+        assert _complete(url, "Hello", 4)["tokens_predicted"] == 4
 
 
 def test_converted_runs_in_llama_cpp_python(converted):

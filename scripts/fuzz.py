@@ -174,14 +174,14 @@ docs/FORMAT.md promises no out-of-bounds access even when validation is skipped.
 | peak RSS | {peak_rss_mb} MB |
 | crashes, leaks, timeouts | {n_crashes} |
 
-## Findings fixed
+## Findings
 {findings}
 
 The short run (120 s) is part of `.ci/run` (`tests/test_fuzz.py`). The Python side (the JLCM reader in
 `jlcm_gguf/read.py` over gguf-py) is fuzzed with hypothesis in `tests/test_read_fuzz.py`.
 """
 
-FINDINGS = """- `GET_ROWS` aborted the process (`GGML_ASSERT`) on an inverse permutation entry out of range when
+FINDINGS = """- Fixed: `GET_ROWS` aborted the process (`GGML_ASSERT`) on an inverse permutation entry out of range when
   validation was skipped; it now writes a zero row, like `MUL_MAT` drops such a row.
 - Upstream, not changed here: `gguf.cpp` reads a tensor's type id straight into an `enum ggml_type` before
   its range check, which UBSan's `enum` check reports for every out-of-range id in the first seconds. It is

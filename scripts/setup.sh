@@ -12,7 +12,9 @@ JOBS=${JOBS:-$(nproc)}
 log() { printf '\n== %s\n' "$*" >&2; }
 
 need_pkgs=()
-for p in ccache patch cmake g++; do command -v "$p" >/dev/null || need_pkgs+=("$p"); done
+for p in ccache patch cmake g++ clang; do command -v "$p" >/dev/null || need_pkgs+=("$p"); done
+# libFuzzer's runtime, for the fuzz harness (scripts/fuzz.py)
+compgen -G "/usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-*.a" >/dev/null || need_pkgs+=(libclang-rt-14-dev)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi

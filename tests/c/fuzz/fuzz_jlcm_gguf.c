@@ -31,7 +31,8 @@ static void run_kernels(struct ggml_tensor * w);
 // what the loader does with each JLCM weight (link, validate), then the kernels on it
 static void check_jlcm_weights(struct ggml_context * ctx) {
     for (struct ggml_tensor * w = ggml_get_first_tensor(ctx); w; w = ggml_get_next_tensor(ctx, w)) {
-        if (!ggml_is_jlcm(w->type) || w->ne[3] != 1 || ggml_nelements(w) > MAX_WEIGHTS) {
+        // (an empty weight would let the other dimensions, and the harness's buffers, grow unbounded)
+        if (!ggml_is_jlcm(w->type) || w->ne[3] != 1 || ggml_nelements(w) == 0 || ggml_nelements(w) > MAX_WEIGHTS) {
             continue;
         }
         ggml_validate_row_data(w->type, w->data, ggml_nbytes(w));

@@ -15,6 +15,9 @@ need_pkgs=()
 for p in ccache patch cmake g++ clang; do command -v "$p" >/dev/null || need_pkgs+=("$p"); done
 # libFuzzer's runtime, for the fuzz harness (scripts/fuzz.py)
 compgen -G "/usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-*.a" >/dev/null || need_pkgs+=(libclang-rt-14-dev)
+# the aarch64 cross compilers and qemu-user, for the NEON kernel tests (scripts/cross_kernels.py)
+command -v aarch64-linux-gnu-g++ >/dev/null || need_pkgs+=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)
+command -v qemu-aarch64 >/dev/null || need_pkgs+=(qemu-user)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi

@@ -2,9 +2,13 @@
 
 GET_ROWS must give the reference dequantization bit for bit; MUL_MAT must agree with the reference
 product of the same Q8_0-quantized activations within float rounding, and with the float product
-within ggml's own dot-product tolerance.
+within ggml's own dot-product tolerance. Each check runs natively (x86: the AVX2 kernels) and on aarch64
+under qemu-user, with and without the dotprod extension (the NEON kernels; scripts/cross_kernels.py).
 """
 from __future__ import annotations
+
+import functools
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +18,24 @@ from jlcm_gguf.format import DEFAULT_CODEBOOKS, QK
 from jlcm_gguf.pack import dequantize, matmul_q8_reference, pack_blocks, unpack_blocks
 from jlcm_gguf.write import add_jlcm_tensor
 
-from conftest import run, tool
+from conftest import ROOT, run, tool
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import cross_kernels  # noqa: E402
+
+RUNNERS = ["native", *cross_kernels.VARIANTS]
+
+
+@functools.cache
+def cross_build(variant: str):
+    return cross_kernels.build(variant)
+
+
+def binary(name: str, runner: str) -> list:
+    """The command running one of the kernel test binaries built for runner."""
+    if runner == "native":
+        return [tool(name)]
+    return cross_kernels.runner(runner) + [cross_build(runner) / name]
 
 
 def random_weight(rng, bits, rows, cols, groups, permuted):
@@ -40,8 +61,8 @@ def write_case(path, bits, packed, cb, bounds, perm, x):
     w.close()
 
 
-def run_check(path, out, threads=1):
-    return run([tool("jlcm-kernel-check"), path, out, threads])
+def run_check(path, out, threads=1, runner="native"):
+    return run(binary("jlcm-kernel-check", runner) + [path, out, threads])
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -54,17 +75,18 @@ def test_pack_roundtrip(bits):
     assert np.array_equal(got_d.view(np.uint16), d.view(np.uint16))
 
 
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("groups,permuted", [(0, False), (1, False), (5, False), (5, True), (37, True)])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_kernels_match_reference(tmp, bits, groups, permuted, threads):
+def test_kernels_match_reference(tmp, bits, groups, permuted, threads, runner):
     rng = np.random.default_rng(100 * bits + 10 * groups + permuted)
     rows, cols, n = 37, 576, 6
     packed, cb, bounds, perm = random_weight(rng, bits, rows, cols, groups, permuted)
     x = rng.standard_normal((n, cols)).astype(np.float32)
     write_case(tmp / "case.gguf", bits, packed, cb, bounds, perm, x)
 
-    res = run_check(tmp / "case.gguf", tmp / "out.f32", threads)
+    res = run_check(tmp / "case.gguf", tmp / "out.f32", threads, runner)
     assert res.returncode == 0, res.stderr
     out = np.fromfile(tmp / "out.f32", dtype=np.float32)
     got_rows = out[:rows * cols].reshape(rows, cols)
@@ -100,12 +122,13 @@ def write_raw(path, tensors):
     w.close()
 
 
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("fault,message", [
     ("bounds_not_increasing", "not increasing"),
     ("perm_not_bijection", "not a permutation"),
     ("codebook_too_small", "codebook"),
 ])
-def test_kernels_refuse_bad_companions(tmp, fault, message):
+def test_kernels_refuse_bad_companions(tmp, fault, message, runner):
     rng = np.random.default_rng(7)
     rows, cols = 37, 128
     packed, cb, bounds, perm = random_weight(rng, 2, rows, cols, 4, True)
@@ -121,12 +144,13 @@ def test_kernels_refuse_bad_companions(tmp, fault, message):
     else:
         tensors["w.jlcm_cb"] = cb[:, :2].copy()  # 2 entries for a 2-bit type
     write_raw(tmp / "bad.gguf", tensors)
-    res = run_check(tmp / "bad.gguf", tmp / "o.f32")
+    res = run_check(tmp / "bad.gguf", tmp / "o.f32", 1, runner)
     assert res.returncode == 2 and message in res.stderr, res.stderr
 
 
-def test_test_quantize_fns_passes():
-    res = run([tool("test-quantize-fns"), "-v"])
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_test_quantize_fns_passes(runner):
+    res = run(binary("test-quantize-fns", runner) + ["-v"])
     assert res.returncode == 0, res.stdout[-3000:]
     for name in ("jlcm2", "jlcm3", "jlcm4"):
         assert f"Testing {name}" in res.stdout

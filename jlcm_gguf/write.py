@@ -46,6 +46,23 @@ def add_jlcm_tensor(writer: GGUFWriter, name: str, packed: np.ndarray, bits: int
         writer.add_tensor(f"{name}.{SUFFIX_PERM}", np.stack([fwd, inv]))
 
 
+def write_raw_gguf(path, tensors: dict, arch: str = "llama", metadata=None) -> None:
+    """A GGUF file with exactly these tensors and no checks (test input, hostile files included): each value
+    is an array, or (uint8 bytes, GGMLQuantizationType) for quantized data; metadata(writer) adds keys."""
+    w = GGUFWriter(str(path), arch)
+    if metadata:
+        metadata(w)
+    for name, arr in tensors.items():
+        if isinstance(arr, tuple):
+            w.add_tensor(name, arr[0], raw_dtype=arr[1])
+        else:
+            w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 STANDARD_TYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0", "q5_0": "Q5_0", "q4_0": "Q4_0"}
 
 

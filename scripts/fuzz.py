@@ -50,18 +50,11 @@ def build() -> Path:
 
 def _write(path: Path, tensors: dict) -> None:
     """One GGUF file with these tensors (packed JLCM ones given as (uint8 rows, bits))."""
-    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf import GGMLQuantizationType
     from jlcm_gguf.format import TYPE_IDS
-    w = GGUFWriter(str(path), "llama")
-    for name, arr in tensors.items():
-        if isinstance(arr, tuple):
-            w.add_tensor(name, arr[0], raw_dtype=GGMLQuantizationType(TYPE_IDS[arr[1]]))
-        else:
-            w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    from jlcm_gguf.write import write_raw_gguf
+    write_raw_gguf(path, {name: (a[0], GGMLQuantizationType(TYPE_IDS[a[1]])) if isinstance(a, tuple) else a
+                          for name, a in tensors.items()})
 
 
 def synthetic_seeds(out: Path) -> int:

@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 
 from jlcm_gguf.format import DEFAULT_CODEBOOKS, QK
 from jlcm_gguf.pack import dequantize, matmul_q8_reference, pack_blocks, unpack_blocks
-from jlcm_gguf.write import add_jlcm_tensor
+from jlcm_gguf.write import add_jlcm_tensor, write_raw_gguf
 
 from conftest import ROOT, run, tool
 
@@ -110,16 +110,7 @@ def test_kernels_match_reference(tmp, bits, groups, permuted, threads, runner):
 
 def write_raw(path, tensors):
     """A file with exactly these tensors, bypassing the writer's checks (hostile input)."""
-    w = GGUFWriter(str(path), "jlcm-test")
-    for name, arr in tensors.items():
-        if name == "w":
-            w.add_tensor(name, arr, raw_dtype=GGMLQuantizationType.JLCM2)
-        else:
-            w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_raw_gguf(path, {n: (a, GGMLQuantizationType.JLCM2) if n == "w" else a for n, a in tensors.items()}, "jlcm-test")
 
 
 @pytest.mark.parametrize("runner", RUNNERS)

@@ -212,19 +212,13 @@ def tiny(tmp_path_factory) -> Path:
 
 def _rewrite(src: Path, dst: Path, change) -> Path:
     """src with change(tensors) applied: tensors maps name -> (array, type), in file order."""
-    from gguf import GGUFReader, GGUFWriter
+    from gguf import GGUFReader
+    from jlcm_gguf.write import write_raw_gguf
     from tiny_llama import copy_metadata
     r = GGUFReader(str(src))
     tensors = {t.name: (np.array(t.data), t.tensor_type) for t in r.tensors}
     change(tensors)
-    w = GGUFWriter(str(dst), r.fields["general.architecture"].contents())
-    copy_metadata(r, w)
-    for name, (arr, qtype) in tensors.items():
-        w.add_tensor(name, arr, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_raw_gguf(dst, tensors, r.fields["general.architecture"].contents(), lambda w: copy_metadata(r, w))
     return dst
 
 

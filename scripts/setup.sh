@@ -12,7 +12,8 @@ JOBS=${JOBS:-$(nproc)}
 log() { printf '\n== %s\n' "$*" >&2; }
 
 need_pkgs=()
-for p in ccache patch cmake g++ clang; do command -v "$p" >/dev/null || need_pkgs+=("$p"); done
+for p in ccache patch cmake clang; do command -v "$p" >/dev/null || need_pkgs+=("$p"); done
+command -v g++ >/dev/null || need_pkgs+=(build-essential)
 # libFuzzer's runtime, for the fuzz harness (scripts/fuzz.py)
 compgen -G "/usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-*.a" >/dev/null || need_pkgs+=(libclang-rt-14-dev)
 # the aarch64 cross compilers and qemu-user, for the NEON kernel tests (scripts/cross_kernels.py)
@@ -21,7 +22,7 @@ command -v qemu-aarch64 >/dev/null || need_pkgs+=(qemu-user)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need_pkgs[@]/g++/build-essential}" >/dev/null
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then

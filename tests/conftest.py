@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_DIR = Path(os.environ.get("JLCM_BUILD_DIR", ROOT / "build"))
+CONVERTER = [sys.executable, str(ROOT / "convert_hf_to_jlcm_gguf.py")]
 
 
 def tool(name: str) -> Path:
@@ -25,6 +27,20 @@ def run(args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(a) for a in args], **kw)
 
 
+def error_line(res: subprocess.CompletedProcess) -> str:
+    """The last line a failed command wrote to stderr; a traceback there is never a clear error."""
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The float SmolLM2-135M-Instruct Hugging Face folder (the reference model)."""
+    from jlcm_gguf.models import smollm2_hf_dir
+    return smollm2_hf_dir()

@@ -7,10 +7,8 @@ import concurrent.futures
 import contextlib
 import json
 import math
-import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -18,21 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, run, tool
+from conftest import CONVERTER, error_line, run, tool
 from jlcm_gguf import model as M
 from jlcm_gguf.convert import Options, convert, float_tensors, hparams_of, import_conversion
 from jlcm_gguf.fold import fold_layer, logical
 from jlcm_gguf.init import init_codebooks
 from jlcm_gguf.pack import assign, dequantize, pack_blocks, quantize_to_codebooks, unpack_blocks
-
-CONVERTER = [sys.executable, str(ROOT / "convert_hf_to_jlcm_gguf.py")]
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    from jlcm_gguf.models import smollm2_hf_dir
-    return smollm2_hf_dir()
-
 
 @pytest.fixture(scope="module")
 def smollm2_tensors(smollm2):
@@ -135,9 +124,8 @@ def test_bad_input_one_clear_error(smollm2, tmp_path, case, message):
     out = tmp_path / "out.gguf"
     res = run(CONVERTER + [model, "--outfile", out])
     assert res.returncode == 1
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert lines[-1].startswith("error: ") and message in lines[-1], res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
+    last = error_line(res)
+    assert last.startswith("error: ") and message in last, res.stderr[-2000:]
     assert not out.exists() and not list(tmp_path.glob("out.gguf*"))
 
 
@@ -147,7 +135,7 @@ def test_short_calibration_text_one_clear_error(smollm2, tmp_path):
     out = tmp_path / "out.gguf"
     res = run(CONVERTER + [smollm2, "--outfile", out, "--calib", calib])
     assert res.returncode == 1
-    last = res.stderr.strip().splitlines()[-1]
+    last = error_line(res)
     assert last.startswith("error: calibration text") and "need at least" in last, res.stderr[-2000:]
     assert not list(tmp_path.glob("out.gguf*"))
 

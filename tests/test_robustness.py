@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, run, tool
+from conftest import CONVERTER, error_line, run, tool
 
-CONVERTER = [sys.executable, str(ROOT / "convert_hf_to_jlcm_gguf.py")]
 FAST = ["--bits", "2", "--groups", "4", "--nsamples", "4", "--seqlen", "64", "--embd-type", "q8_0", "--threads", "2"]
 N_LAYER = 6
 
@@ -53,12 +52,6 @@ def small_model(src: Path, dst: Path, n_layer: int = N_LAYER, n_ff: int | None =
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> Path:
-    from jlcm_gguf.models import smollm2_hf_dir
-    return smollm2_hf_dir()
-
-
-@pytest.fixture(scope="module")
 def small(smollm2, tmp_path_factory) -> Path:
     return small_model(smollm2, tmp_path_factory.mktemp("small") / "m")
 
@@ -70,12 +63,6 @@ def small_reference(small, tmp_path_factory) -> Path:
     res = run(CONVERTER + [small, "--outfile", out] + FAST)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
-
-
-def _last_line(res) -> str:
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    return lines[-1] if lines else ""
 
 
 def _blocks_done(ckpt: Path) -> int:
@@ -104,11 +91,11 @@ def test_kill_and_resume_gives_the_same_file(small, small_reference, tmp_path):
 
     # a plain re-run refuses rather than silently discarding (or silently reusing) the finished blocks
     res = run(CONVERTER + [small, "--outfile", out] + FAST)
-    assert res.returncode == 1 and "--resume" in _last_line(res) and "interrupted conversion" in _last_line(res)
+    assert res.returncode == 1 and "--resume" in error_line(res) and "interrupted conversion" in error_line(res)
     assert _blocks_done(ckpt) == done and not out.exists()
     # resuming with other options is refused
     res = run(CONVERTER + [small, "--outfile", out, "--resume"] + FAST[:2] + ["--groups", "8"] + FAST[4:])
-    assert res.returncode == 1 and "other options or input" in _last_line(res)
+    assert res.returncode == 1 and "other options or input" in error_line(res)
 
     res = run(CONVERTER + [small, "--outfile", out, "--resume"] + FAST)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -139,7 +126,7 @@ def test_bad_checkpoint_one_clear_error(smollm2, tmp_path, case, message):
     out = tmp_path / "out.gguf"
     res = run(CONVERTER + [model, "--outfile", out] + FAST)
     assert res.returncode == 1, res.stderr[-3000:]
-    last = _last_line(res)
+    last = error_line(res)
     assert last.startswith("error: ") and message in last, res.stderr[-3000:]
     assert not list(tmp_path.glob("out.gguf*"))
 

@@ -125,7 +125,7 @@ def tiny_model(dest: Path) -> Path:
     return make_pair(dest)[0]
 
 
-def run_fuzzer(binary: Path, corpus: Path, work: Path, seconds: int | None, runs: int | None) -> dict:
+def run_fuzzer(binary: Path, corpus: Path, work: Path, seconds: int | None, runs: int | None, seed: int = 0) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     args = [str(binary), str(corpus), f"-artifact_prefix={work}/", "-rss_limit_mb=4096", "-timeout=30",
             f"-max_len={MAX_SEED_BYTES * 2}", "-print_final_stats=1"]
@@ -133,6 +133,8 @@ def run_fuzzer(binary: Path, corpus: Path, work: Path, seconds: int | None, runs
         args.append(f"-max_total_time={seconds}")
     if runs:
         args.append(f"-runs={runs}")
+    if seed:
+        args.append(f"-seed={seed}")  # with -runs: the same inputs every time
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=1",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
     res = subprocess.run(args, env=env, capture_output=True, text=True, errors="replace")
@@ -190,6 +192,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, help="fuzz for this long")
     ap.add_argument("--runs", type=int, help="fuzz for this many executions")
+    ap.add_argument("--seed", type=int, default=0, help="libFuzzer's seed (0: a new one each run)")
     ap.add_argument("--model", type=Path, help="converted JLCM GGUF to carve seeds from (default: the tests' tiny Llama)")
     ap.add_argument("--work", type=Path, help="folder for the corpus, crashes and log (default: a temporary one)")
     ap.add_argument("--report", type=Path, help="write the summary as Markdown here (docs/robustness.md)")
@@ -200,7 +203,7 @@ def main() -> int:
     work = a.work or Path(tempfile.mkdtemp(prefix="jlcm-fuzz-"))
     model = a.model or tiny_model(work / "model")
     seeds = make_corpus(work / "corpus", model)
-    r = run_fuzzer(binary, work / "corpus", work / "out", a.seconds, a.runs)
+    r = run_fuzzer(binary, work / "corpus", work / "out", a.seconds, a.runs, a.seed)
     print(f"fuzz: {r['executions']:,} executions ({r['exec_per_sec']:,}/s), {seeds} seeds, corpus {r['corpus']}, "
           f"cov {r['coverage']}, crashes {len(r['crashes'])}; log {r['log']}")
     if r["crashes"] or r["returncode"]:

@@ -17,4 +17,5 @@ series 0003-ggml-metal-jlcm-unsupported.patch ggml/src/ggml-metal
 series 0004-llama-jlcm-companions-ftypes.patch include src tools
 series 0005-tests-jlcm-types.patch tests
 series 0006-gguf-py-jlcm-types.patch gguf-py
+series 0007-gguf-shape-check-as-ggml.patch ggml/src/gguf.cpp
 ls -1 "$out"/*.patch

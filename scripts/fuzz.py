@@ -16,6 +16,7 @@ import datetime
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,31 @@ def synthetic_seeds(out: Path) -> int:
     return n
 
 
+# shapes upstream's GGUF parser let through and ggml_new_tensor then aborted on (fixed by patch 0007): seeds
+# of every run, so each one (CI's too) checks the fix
+OVERFLOW_SHAPES = {"zero_before_huge": ([32, 0, 1 << 62], 0),                  # F32
+                   "product_at_int64_limit": ([32, (2**63 - 1) // 32], 8)}    # Q8_0: 32 * ne1 <= INT64_MAX
+
+
+def one_tensor_info_gguf(path: Path, ne: list[int], ggml_type: int) -> Path:
+    """A GGUF v3 file holding one tensor info "w" with dimensions ne and no data (built byte by byte: no
+    writer accepts such a shape)."""
+    def string(s: str) -> bytes:
+        return struct.pack("<Q", len(s)) + s.encode()
+
+    kv = string("general.architecture") + struct.pack("<I", 8) + string("llama")  # 8 = GGUF string
+    info = string("w") + struct.pack("<I", len(ne)) + struct.pack(f"<{len(ne)}q", *ne) + struct.pack("<iQ", ggml_type, 0)
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + kv + info
+    path.write_bytes(head + b"\0" * (-len(head) % 32))
+    return path
+
+
+def regression_seeds(out: Path) -> int:
+    for name, (ne, ggml_type) in OVERFLOW_SHAPES.items():
+        one_tensor_info_gguf(out / f"regression-{name}.gguf", ne, ggml_type)
+    return len(OVERFLOW_SHAPES)
+
+
 def carved_seeds(model: Path, out: Path) -> int:
     """Each small JLCM weight of a converted file with its companions, as a file of its own."""
     from gguf import GGUFReader
@@ -111,7 +137,7 @@ def carved_seeds(model: Path, out: Path) -> int:
 
 def make_corpus(corpus: Path, model: Path | None) -> int:
     corpus.mkdir(parents=True, exist_ok=True)
-    n = synthetic_seeds(corpus)
+    n = synthetic_seeds(corpus) + regression_seeds(corpus)
     if model:
         n += carved_seeds(model, corpus)
     return n
@@ -172,11 +198,20 @@ docs/FORMAT.md promises no out-of-bounds access even when validation is skipped.
 ## Findings
 {findings}
 
-The short run (120 s) is part of `.ci/run` (`tests/test_fuzz.py`). The Python side (the JLCM reader in
+The short run (30,000 executions with a fixed `--seed`, so a red CI is a regression, not bad luck) is part
+of `.ci/run` (`tests/test_fuzz.py`). The Python side (the JLCM reader in
 `jlcm_gguf/read.py` over gguf-py) is fuzzed with hypothesis in `tests/test_read_fuzz.py`.
 """
 
-FINDINGS = """- Fixed: `GET_ROWS` aborted the process (`GGML_ASSERT`) on an inverse permutation entry out of range when
+FINDINGS = """- Fixed (upstream bug, patch `0007-gguf-shape-check-as-ggml.patch`): `gguf.cpp` checked a tensor's
+  element count differently from `ggml_new_tensor` (it multiplied through a zero dimension and accepted a
+  product equal to `INT64_MAX`), so a shape such as (32, 0, 2^62) passed the parser and then aborted the
+  process in `ggml_new_tensor`'s `GGML_ASSERT` — any app opening a hostile GGUF through llama.cpp or
+  llama-cpp-python, JLCM or not. The parser now applies the same test and refuses the file with its
+  "incorrect shape" error; `tests/test_robustness.py` loads both shapes through `llama-completion` and
+  llama-cpp-python. A random-seed run found it; both shapes are now seeds of every run (CI's included), so
+  each run checks the fix.
+- Fixed: `GET_ROWS` aborted the process (`GGML_ASSERT`) on an inverse permutation entry out of range when
   validation was skipped; it now writes a zero row, like `MUL_MAT` drops such a row.
 - Upstream, not changed here: `gguf.cpp` reads a tensor's type id straight into an `enum ggml_type` before
   its range check, which UBSan's `enum` check reports for every out-of-range id in the first seconds. It is

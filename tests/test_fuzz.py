@@ -7,7 +7,7 @@ import sys
 
 from conftest import ROOT, run
 
-FUZZ_RUNS, FUZZ_SEED = 30000, 2
+FUZZ_RUNS, FUZZ_SEED = 30000, 1
 
 
 def test_short_fuzz_run_finds_no_crash(tmp_path):
@@ -18,4 +18,4 @@ def test_short_fuzz_run_finds_no_crash(tmp_path):
     assert m, res.stdout
     executions, seeds = int(m.group(1).replace(",", "")), int(m.group(2))
     # it really fuzzed: the seeds (every companion layout plus the tiny model's weights) and many mutants
-    assert seeds >= 12 + 10 and executions > 10 * seeds, res.stdout
+    assert seeds >= 12 + 2 + 10 and executions > 10 * seeds, res.stdout

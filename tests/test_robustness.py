@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CONVERTER, error_line, run, tool
+from conftest import CONVERTER, ROOT, error_line, run, tool
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import fuzz  # noqa: E402
 
 FAST = ["--bits", "2", "--groups", "4", "--nsamples", "4", "--seqlen", "64", "--embd-type", "q8_0", "--threads", "2"]
 N_LAYER = 6
@@ -270,3 +273,14 @@ def test_truncated_file_refused(tiny, tmp_path):
     assert res.returncode > 0, res.stderr[-2000:]
     res = _load_in_python(bad)
     assert "data is not within the file bounds, model is corrupted or incomplete" in res.stderr, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("shape", sorted(fuzz.OVERFLOW_SHAPES))
+def test_overflowing_shape_refused_not_aborted(tmp_path, shape):
+    """Found by the fuzzer: upstream gguf.cpp's element-count check let these shapes through, and
+    ggml_new_tensor's stricter assertion then aborted the process (patch 0007 makes the two checks agree)."""
+    bad = fuzz.one_tensor_info_gguf(tmp_path / "shape.gguf", *fuzz.OVERFLOW_SHAPES[shape])
+    res = run([tool("llama-completion"), "-m", bad, "-p", "Hi", "-n", "1", "-no-cnv", "--no-warmup"], timeout=120)
+    assert res.returncode > 0, f"exit {res.returncode} (a negative one is a signal): {res.stderr[-2000:]}"
+    res = _load_in_python(bad)
+    assert "incorrect shape for a tensor 'w' may cause overflow errors" in res.stderr, res.stderr[-3000:]

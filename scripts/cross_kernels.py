@@ -1,17 +1,21 @@
 #!/usr/bin/env python3
-"""Cross-compile the patched ggml CPU kernels for aarch64 and run them under qemu-user.
+"""Build the patched ggml CPU kernels for each SIMD path and run them: aarch64 under qemu-user, x86 natively.
 
-Two variants, so both NEON code paths are exercised: `aarch64-dotprod` (armv8.2-a+dotprod, run on qemu's
-`max` CPU) and `aarch64-nodotprod` (armv8-a, run on a Cortex-A53, which has no dotprod). Each build
-(tests/c/cross/, Debian's gcc-aarch64-linux-gnu, static) holds jlcm-kernel-check and test-quantize-fns;
-tests/test_kernels.py runs the former against the Python reference through `runner()`.
+The aarch64 variants exercise both NEON code paths: `aarch64-dotprod` (armv8.2-a+dotprod, run on qemu's
+`max` CPU) and `aarch64-nodotprod` (armv8-a, run on a Cortex-A53, which has no dotprod). The x86 variants
+pin the instruction set instead of -march=native, so the AVX2 kernels are tested on a machine with
+AVX-512 too: `x86-avx2` (AVX2, FMA, F16C) and `x86-avx512` (plus AVX-512 F/BW/VBMI/VNNI; it runs only
+where the CPU has those, see `runnable()`). Each build (tests/c/cross/, static) holds jlcm-kernel-check
+and test-quantize-fns; tests/test_kernels.py runs the former against the Python reference through
+`runner()`.
 
-    .venv/bin/python scripts/cross_kernels.py        # build both, run test-quantize-fns under qemu
+    .venv/bin/python scripts/cross_kernels.py        # build all, run test-quantize-fns in each
 """
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -22,14 +26,33 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 SRC = ROOT / "tests" / "c" / "cross"
 AARCH64 = [f"-DCMAKE_TOOLCHAIN_FILE={SRC / 'aarch64-linux-gnu.cmake'}"]
-# variant -> (cmake options, command prefix that runs its binaries here)
+X86_AVX2 = ["-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON"]
+X86_AVX512 = X86_AVX2 + ["-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON"]
+# variant -> (cmake options, command prefix that runs its binaries here, /proc/cpuinfo flags it needs)
 VARIANTS = {
-    "aarch64-dotprod": (AARCH64 + ["-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod"], ["qemu-aarch64", "-cpu", "max"]),
-    "aarch64-nodotprod": (AARCH64 + ["-DGGML_CPU_ARM_ARCH=armv8-a"], ["qemu-aarch64", "-cpu", "cortex-a53"]),
+    "aarch64-dotprod": (AARCH64 + ["-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod"], ["qemu-aarch64", "-cpu", "max"], ()),
+    "aarch64-nodotprod": (AARCH64 + ["-DGGML_CPU_ARM_ARCH=armv8-a"], ["qemu-aarch64", "-cpu", "cortex-a53"], ()),
+    "x86-avx2": (X86_AVX2, [], ("avx2", "fma", "f16c")),
+    "x86-avx512": (X86_AVX512, [], ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vbmi", "avx512_vnni")),
 }
 TARGETS = ("jlcm-kernel-check", "test-quantize-fns")
 NEEDED = {"aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu", "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
           "qemu-aarch64": "qemu-user"}
+
+
+def runnable(variant: str) -> str | None:
+    """None if this machine can run the variant's binaries, else why not."""
+    flags = VARIANTS[variant][2]
+    if not flags:
+        return None
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"{variant} needs an x86-64 CPU"
+    try:
+        have = set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return "cannot read /proc/cpuinfo"
+    missing = [f for f in flags if f not in have]
+    return f"this CPU lacks {', '.join(missing)}" if missing else None
 
 
 def build_dir(variant: str) -> Path:
@@ -37,7 +60,7 @@ def build_dir(variant: str) -> Path:
 
 
 def build(variant: str, llama_dir: Path | None = None) -> Path:
-    missing = [pkg for exe, pkg in NEEDED.items() if not shutil.which(exe)]
+    missing = [pkg for exe, pkg in NEEDED.items() if not shutil.which(exe)] if variant.startswith("aarch64") else []
     if missing:
         raise SystemExit(f"error: missing {', '.join(missing)} (Debian: apt-get install {' '.join(missing)})")
     if llama_dir is None and os.environ.get("JLCM_LLAMA_DIR"):  # a development tree, as for the converter
@@ -53,7 +76,7 @@ def build(variant: str, llama_dir: Path | None = None) -> Path:
                     ["cmake", "--build", out, "-j", str(os.cpu_count() or 2), "--target", *TARGETS]):
             if subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT).returncode:
                 sys.stderr.write(log.read_text()[-4000:])
-                raise SystemExit(f"error: cross-compiling for {variant} failed (log: {log})")
+                raise SystemExit(f"error: building the {variant} kernels failed (log: {log})")
     return out
 
 
@@ -68,6 +91,10 @@ def main() -> int:
     a = ap.parse_args()
     rc = 0
     for variant in VARIANTS:
+        why = runnable(variant)
+        if why:
+            print(f"{variant}: not run ({why})")
+            continue
         out = build(variant, a.llama)
         res = subprocess.run(runner(variant) + [str(out / "test-quantize-fns")], capture_output=True, text=True)
         print(f"{variant}: test-quantize-fns exit {res.returncode}")

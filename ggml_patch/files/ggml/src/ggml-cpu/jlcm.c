@@ -6,8 +6,8 @@
 #include <assert.h>
 #include <string.h>
 
-typedef void (*jlcm_vec_dot_cb_t)(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx,
-                                  const void * GGML_RESTRICT vy, const int8_t * GGML_RESTRICT cb);
+typedef void (*jlcm_vec_dot_cb_t)(int n, int nr, int nc, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx,
+                                  size_t bx, const int8_t * const * cbs, const void * GGML_RESTRICT const * vy);
 
 static jlcm_vec_dot_cb_t jlcm_vec_dot_cb(enum ggml_type type) {
     switch (type) {
@@ -68,24 +68,41 @@ static int64_t jlcm_group_of_row(const struct jlcm_groups * g, int64_t r) {
     return lo;
 }
 
-void ggml_cpu_jlcm_mul_rows(const struct ggml_tensor * src0, int64_t i02, int64_t ir0_start, int64_t ir0_end,
-                            const void * src1_col, float * dst_col) {
+void ggml_cpu_jlcm_mul_tile(const struct ggml_tensor * src0, int64_t i02, int64_t ir0_start, int64_t ir0_end,
+                            int n_cols, const void * const * src1_cols, float * const * dst_cols) {
     const int64_t ne00 = src0->ne[0];
     const int64_t ne01 = src0->ne[1];
+    const size_t  nb01 = src0->nb[1];
     const char * w = (const char *) src0->data + i02*src0->nb[2];
     const jlcm_vec_dot_cb_t vec_dot = jlcm_vec_dot_cb(src0->type);
     const struct jlcm_groups g = jlcm_groups_of(src0, i02);
 
+    // tiles of up to GGML_JLCM_MAX_TILE rows by as many columns: a looked-up weight block serves the
+    // tile's columns, a prepared activation block its rows
     int64_t grp = jlcm_group_of_row(&g, ir0_start);
-    for (int64_t r = ir0_start; r < ir0_end; ++r) {
-        while (g.bounds && grp < g.n_groups - 1 && r >= g.bounds[grp]) {
-            ++grp;
+    for (int64_t r = ir0_start; r < ir0_end; r += GGML_JLCM_MAX_TILE) {
+        const int nr = (int) MIN(GGML_JLCM_MAX_TILE, ir0_end - r);
+        const int8_t * cbs[GGML_JLCM_MAX_TILE];
+        for (int i = 0; i < nr; ++i) {
+            while (g.bounds && grp < g.n_groups - 1 && r + i >= g.bounds[grp]) {
+                ++grp;
+            }
+            cbs[i] = g.cb + grp*g.n_cb;
         }
-        float v;
-        vec_dot((int) ne00, &v, w + r*src0->nb[1], src1_col, g.cb + grp*g.n_cb);
-        const int64_t o = g.fwd ? g.fwd[r] : r;
-        if (o >= 0 && o < ne01) { // a bad permutation drops the row instead of writing out of bounds
-            dst_col[o] = v;
+        for (int c0 = 0; c0 < n_cols; c0 += GGML_JLCM_MAX_TILE) {
+            const int nc = MIN(GGML_JLCM_MAX_TILE, n_cols - c0);
+            float v[GGML_JLCM_MAX_TILE*GGML_JLCM_MAX_TILE];
+            vec_dot((int) ne00, nr, nc, v, w + r*nb01, nb01, cbs, src1_cols + c0);
+            for (int i = 0; i < nr; ++i) {
+                // a bad permutation drops the row instead of writing out of bounds
+                const int64_t o = g.fwd ? g.fwd[r + i] : r + i;
+                if (o < 0 || o >= ne01) {
+                    continue;
+                }
+                for (int c = 0; c < nc; ++c) {
+                    dst_cols[c0 + c][o] = v[i*nc + c];
+                }
+            }
         }
     }
 }

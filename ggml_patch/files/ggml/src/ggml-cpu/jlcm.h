@@ -9,10 +9,10 @@
 extern "C" {
 #endif
 
-// rows [ir0_start, ir0_end) of matrix i02 of src0 against one q8_0 column; results are written
-// to dst_col at the rows' original positions (the inverse of the stored row order)
-void ggml_cpu_jlcm_mul_rows(const struct ggml_tensor * src0, int64_t i02, int64_t ir0_start, int64_t ir0_end,
-                            const void * src1_col, float * dst_col);
+// rows [ir0_start, ir0_end) of matrix i02 of src0 against n_cols q8_0 columns; column c's results are
+// written to dst_cols[c] at the rows' original positions (the inverse of the stored row order)
+void ggml_cpu_jlcm_mul_tile(const struct ggml_tensor * src0, int64_t i02, int64_t ir0_start, int64_t ir0_end,
+                            int n_cols, const void * const * src1_cols, float * const * dst_cols);
 
 void ggml_compute_forward_get_rows_jlcm(const struct ggml_compute_params * params, struct ggml_tensor * dst);
 

@@ -13,7 +13,7 @@ series() { # name paths...
 }
 series 0001-ggml-jlcm-types-and-reference.patch ggml/include ggml/src/ggml-common.h ggml/src/ggml-quants.c ggml/src/ggml-quants.h ggml/src/ggml.c
 series 0002-ggml-cpu-jlcm-matmul-getrows.patch ggml/src/ggml-cpu
-series 0003-ggml-metal-jlcm-unsupported.patch ggml/src/ggml-metal
+series 0003-ggml-metal-jlcm-kernels.patch ggml/src/ggml-metal
 series 0004-llama-jlcm-companions-ftypes.patch include src tools
 series 0005-tests-jlcm-types.patch tests
 series 0006-gguf-py-jlcm-types.patch gguf-py

@@ -33,7 +33,8 @@ FRONT_TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "Q2_K", "Q4_K_M"]  # eac
 HALF_GAP_TYPES = ["IQ2_XXS", "IQ2_XS", "Q2_K"]                            # ... closing half the gap at its size
 
 
-def build_models(out: Path, threads: int, jlcm_bits: list[int], learned: list[tuple[int, int]]) -> dict[str, Path]:
+def build_models(out: Path, threads: int, jlcm_bits: list[int], learned: list[tuple[int, int]],
+                 ablations: list[tuple[int, int]]) -> dict[str, Path]:
     hf = smollm2_hf_dir()
     base = bench.build_models(hf, out, threads)  # F16, imatrix, Q4_K_M, Q2_K, IQ2_XXS, IQ2_XS, JLCM 2/3-bit
     imatrix = out / "imatrix.gguf"
@@ -46,12 +47,19 @@ def build_models(out: Path, threads: int, jlcm_bits: list[int], learned: list[tu
             if convert_main([str(hf), "--outfile", str(t), "--bits", str(bits), "--threads", str(threads)]):
                 raise SystemExit(f"error: jlcm-convert --bits {bits} failed")
         models[f"jlcm-{bits}bit"] = bench._once(out / f"jlcm{bits}.gguf", convert)
-    for bits, steps in learned:
-        def convert(t, bits=bits, steps=steps):
-            if convert_main([str(hf), "--outfile", str(t), "--bits", str(bits), "--learn-steps", str(steps),
-                             "--threads", str(threads)]):
-                raise SystemExit(f"error: jlcm-convert --bits {bits} --learn-steps {steps} failed")
-        models[f"jlcm-{bits}bit-learn{steps}"] = bench._once(out / f"jlcm{bits}-learn{steps}.gguf", convert)
+    rows = [(f"jlcm-{b}bit-learn{s}", f"jlcm{b}-learn{s}.gguf", ["--bits", b, "--learn-steps", s]) for b, s in learned]
+    for b, s in ablations:  # issue #4's ablations of the learned row
+        rows += [(f"jlcm-{b}bit-learn{s}", f"jlcm{b}-learn{s}.gguf", ["--bits", b, "--learn-steps", s]),
+                 (f"jlcm-{b}bit-learn{s}-plain-ste", f"jlcm{b}-learn{s}-plainste.gguf",
+                  ["--bits", b, "--learn-steps", s, "--plain-ste"]),
+                 (f"jlcm-{b}bit-groups1", f"jlcm{b}-groups1.gguf", ["--bits", b, "--groups", 1]),
+                 (f"jlcm-{b}bit-scales", f"jlcm{b}-scales.gguf", ["--bits", b, "--variant", "scales"])]
+    for name, file, args in rows:
+        def convert(t, args=args):
+            cmd = [str(hf), "--outfile", str(t), *map(str, args), "--threads", str(threads)]
+            if convert_main(cmd):
+                raise SystemExit(f"error: jlcm-convert {' '.join(cmd)} failed")
+        models.setdefault(name, bench._once(out / file, convert))
     return models
 
 
@@ -122,14 +130,18 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--jlcm", default="2,3,4", help="JLCM bit widths to convert and evaluate (k-means codebooks)")
     ap.add_argument("--learned", default="", help="JLCM rows with learning, BITS:STEPS[,...] (e.g. 4:40)")
+    ap.add_argument("--ablations", default="", help="BITS:STEPS[,...]: the learned row and its ablations (plain "
+                    "STE mapping gradient, one group, the scales variant) next to the k-means row of those bits")
     ap.add_argument("--out", type=Path, default=Path("out/bench"))
     ap.add_argument("--json", type=Path, help='write {"rows": [{"name", "bytes", "bpw", "ppl", "ppl_err"}, ...]} here')
     ap.add_argument("--doc", type=Path, help="write the Markdown report here (docs/results.md), the plot beside it")
     a = ap.parse_args()
 
     text = a.eval_text or wikitext_test(a.out)
-    learned = [tuple(int(v) for v in item.split(":")) for item in a.learned.split(",") if item]
-    models = build_models(a.out, a.threads, [int(b) for b in a.jlcm.split(",")], learned)
+    def pairs(arg: str) -> list[tuple[int, int]]:
+        return [tuple(int(v) for v in item.split(":")) for item in arg.split(",") if item]
+
+    models = build_models(a.out, a.threads, [int(b) for b in a.jlcm.split(",")], pairs(a.learned), pairs(a.ablations))
     rows = []
     for name, path in models.items():
         ppl, err = perplexity(path, text, a.chunks, a.ctx, a.threads)
@@ -181,8 +193,25 @@ def main() -> int:
             verdict = f"{best['name']} has {best['ppl']:.2f} — " + (
                 "met" if best["ppl"] <= goal else f"missed by {best['ppl'] - goal:.2f}")
         lines.append(f"- half the gap at {t}'s size: ppl ≤ {goal:.2f} needed; {verdict}")
-    lines += ["", "Not in this run (issue #4 asks for them): the ablations of the learned 2-bit row "
-              "(`--plain-ste`, `--groups 1`, `--variant scales`, k-means only), a mixed-precision row, and "
+    for b, st in pairs(a.ablations):
+        names = [f"jlcm-{b}bit", f"jlcm-{b}bit-learn{st}", f"jlcm-{b}bit-learn{st}-plain-ste", f"jlcm-{b}bit-groups1",
+                 f"jlcm-{b}bit-scales"]
+        present = [n for n in names if n in by]
+        lines += ["", f"## Ablation at {b} bits (same file size; perplexity)", "",
+                  "| row | what changes | perplexity |", "|---|---|---:|"]
+        what = {names[0]: "k-means codebooks, 16 groups, no learning", names[1]: f"+ {st} steps of joint learning, "
+                "proximal mapping update", names[2]: f"+ {st} steps, plain straight-through mapping gradient",
+                names[3]: "k-means, one codebook per tensor", names[4]: "k-means, one codebook with a scale per group"}
+        for n in present:
+            lines.append(f"| {n} | {what[n]} | {by[n]['ppl']:.3f} ± {by[n]['ppl_err']:.3f} |")
+        if names[1] in by and names[0] in by and names[2] in by:
+            best = min(present, key=lambda n: by[n]["ppl"])
+            lines.append("")
+            lines.append(f"Learned + proximal beats k-means only and plain STE: "
+                         f"{'yes' if best == names[1] else f'no, the best row is {best}'}. (Both learned rows keep "
+                         "a block's learned result only where it lowered that block's reconstruction loss on the "
+                         "calibration windows.)")
+    lines += ["", "Not in this run (issue #4 asks for them): a mixed-precision row (issue #6) and "
               "Qwen2.5-Coder-1.5B.", ""]
     report = "\n".join(lines)
     print("\n" + report)

@@ -27,6 +27,18 @@ def parse_args(argv=None) -> Options:
                     help="Adam steps of joint codebook/mapping learning per transformer block (0: none; see docs/ALGORITHM.md)")
     ap.add_argument("--no-learn", action="store_true", help="k-means codebooks only (no learning)")
     ap.add_argument("--plain-ste", action="store_true", help="plain straight-through mapping gradient (ablation)")
+    budget = ap.add_argument_group("size budget (per-tensor mixed precision, docs/ALGORITHM.md)")
+    budget.add_argument("--target-size", help="largest file size, e.g. 2.0GB (10^9 bytes), 80MB, 1.5GiB or bytes; "
+                        "each JLCM tensor gets 2, 3 or 4 bits by a greedy search on measured sensitivity")
+    budget.add_argument("--target-bpw", type=float, help="the same as bits per weight of the whole file")
+    budget.add_argument("--plan", type=Path, help="types from a plan: a JSON file (--save-plan) or a JLCM GGUF file; a JSON "
+                        "file with a --target-size or --target-bpw is searched again from its saved scores")
+    budget.add_argument("--save-plan", type=Path, help="write the plan used as JSON")
+    budget.add_argument("--fast", action="store_true",
+                        help="plan from the weights' reconstruction error only, without running the model per tensor")
+    ap.add_argument("--rotate", action="store_true",
+                    help="fold a randomized Hadamard rotation of the residual stream into the weights (same function, "
+                         "fewer outliers)")
     ap.add_argument("--resume", action="store_true",
                     help="continue an interrupted conversion from its last finished block (OUTFILE.jlcm-resume/)")
     ap.add_argument("--seed", type=int, default=0)
@@ -34,11 +46,21 @@ def parse_args(argv=None) -> Options:
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(name)s: %(message)s")
+    target_bytes = 0
+    if a.target_size:
+        from .plan import PlanError, parse_size
+        try:
+            target_bytes = parse_size(a.target_size)
+        except PlanError as e:
+            ap.error(str(e))
+    if a.target_bpw is not None and not 0 < a.target_bpw < 32:
+        ap.error("--target-bpw must be between 0 and 32")
     outfile = a.outfile or a.model / f"{a.model.name}-jlcm{a.bits}.gguf"
     return Options(model=a.model, outfile=outfile, bits=a.bits, groups=a.groups, variant=a.variant,
                    embd_type=a.embd_type, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                    threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, plain_ste=a.plain_ste,
-                   resume=a.resume)
+                   resume=a.resume, target_bytes=target_bytes, target_bpw=a.target_bpw or 0.0, plan=a.plan,
+                   save_plan=a.save_plan, fast=a.fast, rotate=a.rotate)
 
 
 def main(argv=None) -> int:

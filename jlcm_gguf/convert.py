@@ -49,6 +49,13 @@ class Options:
     learn_steps: int = 0       # 0: k-means codebooks only (--no-learn)
     plain_ste: bool = False
     resume: bool = False       # continue an interrupted conversion from its last finished block
+    target_bytes: int = 0      # --target-size: the file fits in this many bytes (a per-tensor plan, plan.py)
+    target_bpw: float = 0.0    # --target-bpw: the same, as bits per weight of the whole file
+    plan: Path | None = None   # --plan: widths from a JSON plan or a JLCM GGUF's metadata
+    save_plan: Path | None = None
+    rotate: bool = False       # --rotate: randomized Hadamard rotation of the residual stream (rotate.py)
+    fast: bool = False         # --fast: float16 weights in memory, one k-means pass, plan without KL measurement
+    widths: dict | None = None  # set by convert: how each weight matrix is stored (plan.CHOICES)
 
 
 def llama_cpp_dir() -> Path:
@@ -102,20 +109,24 @@ def hparams_of(config: dict) -> Hparams:
         rope_neox=SUPPORTED_ARCHS[config["architectures"][0]])
 
 
-def float_tensors(model_instance) -> tuple[dict, list]:
-    """Runs the vendored converter's tensor pass with F32 output and captures what it would write."""
+def float_tensors(model_instance, half: bool = False) -> tuple[dict, list]:
+    """Runs the vendored converter's tensor pass with F32 output and captures what it would write.
+    half: matrices are kept as float16 where their values fit (half the memory: a 7B model's 13.5 GB
+    instead of 27; every step computes in float32 from them)."""
     captured: dict[str, np.ndarray] = {}
     names: list[str] = []
 
     def capture(name, tensor, raw_shape=None, raw_dtype=None, tensor_endianess=None):
         from gguf import LazyNumpyTensor
         arr = LazyNumpyTensor.to_eager(tensor) if isinstance(tensor, LazyNumpyTensor) else tensor
-        captured[name] = np.asarray(arr, dtype=np.float32)
+        a32 = np.asarray(arr, dtype=np.float32)
+        if half and a32.ndim == 2 and np.all(np.abs(a32) < 60000):
+            a32 = a32.astype(np.float16)
+        captured[name] = a32
         names.append(name)
 
     writer = model_instance.gguf_writer
-    original = writer.add_tensor
-    writer.add_tensor = capture
+    writer.add_tensor = capture  # an instance attribute shadowing the method until the finally below
     # its per-tensor lines would say "--> F32" for what JLCM quantizes next; ours say what is written
     upstream_log = logging.getLogger("hf-to-gguf")
     level = upstream_log.level
@@ -124,7 +135,7 @@ def float_tensors(model_instance) -> tuple[dict, list]:
     try:
         model_instance.prepare_tensors()
     finally:
-        writer.add_tensor = original
+        del writer.add_tensor
         upstream_log.setLevel(level)
     for name, w in captured.items():
         if not np.all(np.isfinite(w)):
@@ -200,8 +211,11 @@ def convert(opt: Options) -> dict:
     with torch.inference_mode():
         instance = model_class(opt.model, gguf.LlamaFileType.ALL_F32, tmp_out, eager=True)
         log.info("reading %s", opt.model)
-        tensors, order = float_tensors(instance)
+        tensors, order = float_tensors(instance, half=opt.fast)
     check_shapes(tensors, hp)
+    if opt.rotate:
+        from .rotate import rotate
+        tensors, order = rotate(tensors, order, hp, opt.seed)
 
     from transformers import AutoTokenizer
     tok_json = opt.model / "tokenizer.json"
@@ -217,6 +231,8 @@ def convert(opt: Options) -> dict:
     calib = opt.calib or default_calibration_text()
     tokens = calibration_tokens(calib, tokenizer, opt.nsamples, opt.seqlen, opt.seed)
 
+    opt.widths = plan_widths(instance, order, tensors, hp, tokens, opt)
+    quantized = {n for n, k in opt.widths.items() if k.startswith("jlcm")}
     ckpt = Checkpoint(opt.outfile, fingerprint(opt, tokens))
     found = ckpt.found()
     if found and not opt.resume:
@@ -226,23 +242,116 @@ def convert(opt: Options) -> dict:
         raise ConvertError(f"{ckpt.dir} is the checkpoint of a conversion with other options or input: "
                            "resume with the same ones, or delete that folder")
 
-    quantized = quantized_names(tensors, hp, opt.embd_type)
     jlcm, hessians = quantize_blocks(tensors, hp, tokens, quantized, opt, ckpt)
-    embd_bits = int(opt.embd_type[4:]) if opt.embd_type.startswith("jlcm") else None
     for name in ("token_embd.weight", "output.weight"):
         if name in quantized:
+            embd_bits = int(opt.widths[name][4:])
             ro = fold_global(tensors, hessians, name, opt.groups, opt.seed)
             w = tensors[name][ro.order]
             h = hessians.get("output")
-            cb = init_codebooks(w, h, ro.bounds, embd_bits, opt.variant, opt.seed)
+            cb = init_codebooks(w, h, ro.bounds, embd_bits, opt.variant, opt.seed, **fast_init(opt))
             jlcm[name] = dict(packed=quantize_to_codebooks(w, embd_bits, cb, ro.bounds, h), bits=embd_bits,
                               codebooks=cb, bounds=ro.bounds, perm=ro.order)
 
-    instance.ftype = gguf.LlamaFileType(F.FTYPE_IDS[opt.bits])
+    instance.ftype = gguf.LlamaFileType(F.FTYPE_IDS[layer_bits(opt.widths, tensors, opt.bits)])
     summary = write_gguf(instance, order, tensors, jlcm, opt, tmp_out)
     ckpt.remove()
     summary["seconds"] = time.time() - t0
+    summary["widths"] = dict(opt.widths)
     return summary
+
+
+def fast_init(opt: Options) -> dict:
+    """--fast: one k-means pass on fewer samples (the refits against the packed scales are skipped)."""
+    return dict(rounds=0, max_samples=1 << 14) if opt.fast else {}
+
+
+def layer_bits(widths: dict, tensors: dict, default: int) -> int:
+    """The JLCM width most layer weights have (general.file_type of a mixed file)."""
+    count: dict[int, int] = {}
+    for n, k in widths.items():
+        if n.startswith("blk.") and k.startswith("jlcm"):
+            count[int(k[4:])] = count.get(int(k[4:]), 0) + tensors[n].size
+    return max(count, key=lambda b: (count[b], b)) if count else default
+
+
+def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: np.ndarray, opt: Options) -> dict[str, str]:
+    """How each weight matrix is stored (a plan.CHOICES entry, or None for the standard rule): JLCM at
+    --bits for the layers and --embd-type for the embeddings, or a plan (--plan, or a search under
+    --target-size / --target-bpw; plan.py) whose file size is computed exactly before any weight is
+    quantized."""
+    from . import plan as P
+    from .fold import companion_layout
+    from .write import predict_bytes, shape_spec
+
+    if opt.target_bytes and opt.target_bpw:
+        raise ConvertError("--target-size and --target-bpw are alternatives: give one")
+    if not (opt.target_bytes or opt.target_bpw or opt.plan):
+        quantized = quantized_names(tensors, hp, opt.embd_type)
+        return {n: f"jlcm{opt.bits}" if n.startswith("blk.") else opt.embd_type for n in quantized}
+    candidates = quantized_names(tensors, hp, "jlcm4")
+
+    def size_of(kinds: dict) -> int:
+        jl = {n for n, k in kinds.items() if k.startswith("jlcm")}
+        shapes = {n: shape_spec(*tensors[n].shape, int(kinds[n][4:]),
+                                *companion_layout(n, tensors[n].shape[0], hp, opt.groups, jl)) for n in sorted(jl)}
+        return predict_bytes(instance, order, tensors, shapes, opt, kinds)
+
+    n_weights = sum(tensors[n].size for n in order)
+    target = opt.target_bytes or int(opt.target_bpw * n_weights / 8)
+    opt.target_bytes = target
+    options, fixed = None, 0
+    try:
+        saved = P.load_options(opt.plan) if opt.plan and opt.plan.suffix == ".json" and target else {}
+        if saved and set(saved) != candidates:
+            raise P.PlanError(f"the scores saved in {opt.plan} are for another model")
+        if opt.plan and not saved:
+            kinds = P.load_plan(opt.plan)
+            if set(kinds) != candidates:
+                extra, missing = sorted(set(kinds) - candidates), sorted(candidates - set(kinds))
+                raise P.PlanError(f"the plan {opt.plan} does not fit this model: "
+                                  + (f"it names {extra[0]}, which is not a weight matrix here" if extra
+                                     else f"it has no type for {missing[0]}"))
+        else:
+            smallest = size_of({n: P.CHOICES[0] for n in candidates})
+            if smallest > target:
+                raise P.PlanError(f"the target of {target:,} bytes is too small: with every weight matrix at "
+                                  f"JLCM {P.WIDTHS[0]}-bit the file takes {smallest:,}")
+            layout = {n: companion_layout(n, tensors[n].shape[0], hp, opt.groups, candidates) for n in candidates}
+            if saved:  # a plan file with scores and a new budget: search again, no scoring
+                options = saved
+                log.info("plan: searching the scores saved in %s for the new budget", opt.plan)
+            else:
+                options = P.score_options(tensors, hp, tokens, layout, opt.groups, opt.variant, opt.seed,
+                                          fast=opt.fast)
+            first = {n: options[n][-1].kind for n in candidates}
+            fixed = size_of(first) - P.plan_bytes(options, first)
+            kinds = P.search(options, target - fixed)
+            # the options assume every matrix is JLCM (gate/up and v fold their row order into neighbours);
+            # where a plan stores one of a folding pair in a llama.cpp type, or gguf-py's size label changes,
+            # the file differs a little: tighten the budget by the excess and search again
+            for _ in range(4):
+                over = size_of(kinds) - target
+                if over <= 0:
+                    break
+                fixed += over
+                kinds = P.search(options, target - fixed)
+    except P.PlanError as e:
+        raise ConvertError(str(e))
+    size = size_of(kinds)
+    if target and size > target:
+        raise ConvertError(f"the file would take {size:,} bytes, more than the target of {target:,}")
+    for line in P.describe(kinds):
+        log.info("plan  %s", line)
+    count = {k: sum(tensors[n].size for n in kinds if kinds[n] == k) for k in P.CHOICES}
+    total = max(sum(count.values()), 1)
+    log.info("plan: %s; the file will take %s bytes%s",
+             ", ".join(f"{100 * c / total:.0f}% of the matrices' weights as {k}" for k, c in count.items() if c),
+             f"{size:,}", f" (target {target:,})" if target else "")
+    if opt.save_plan:
+        P.save_plan(opt.save_plan, kinds, {"target_bytes": target, "predicted_bytes": size,
+                                           "planned_budget": target - fixed if options else None}, options)
+    return kinds
 
 
 def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: set[str],
@@ -296,8 +405,9 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         for name, ro in res.orders.items():
             h = hessians.get(name.removesuffix(".weight"))
             w = tensors[name]
-            cb = init_codebooks(w, h, ro.bounds, opt.bits, opt.variant, opt.seed)
-            idx, d = assign(w, opt.bits, cb, ro.bounds, h)
+            bits = int(opt.widths[name][4:])
+            cb = init_codebooks(w, h, ro.bounds, bits, opt.variant, opt.seed, **fast_init(opt))
+            idx, d = assign(w, bits, cb, ro.bounds, h)
             specs[name] = dict(idx=idx, d=d, cb=cb, ro=ro)
 
         if opt.learn_steps:
@@ -332,13 +442,19 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         logical = {}
         for name, s in specs.items():
             ro = s["ro"]
-            packed = pack_blocks(s["idx"], s["d"], opt.bits)
-            jlcm[name] = dict(packed=packed, bits=opt.bits, codebooks=s["cb"], bounds=ro.bounds,
+            bits = int(opt.widths[name][4:])
+            packed = pack_blocks(s["idx"], s["d"], bits)
+            jlcm[name] = dict(packed=packed, bits=bits, codebooks=s["cb"], bounds=ro.bounds,
                               perm=ro.order if ro.stored else None)
-            wq = dequantize(packed, opt.bits, tensors[name].shape[1], s["cb"], ro.bounds)
+            wq = dequantize(packed, bits, tensors[name].shape[1], s["cb"], ro.bounds)
             if ro.stored:
                 wq = wq[np.argsort(ro.order)]
             logical[name] = wq
+        for name in (f"blk.{bid}.{n}.weight" for n in M.LINEARS):
+            kind = opt.widths.get(name) if opt.widths else None
+            if kind and not kind.startswith("jlcm"):  # a llama.cpp type from the plan: its error propagates too
+                from .plan import quick_error
+                logical[name] = quick_error(np.asarray(tensors[name], dtype=np.float32), None, kind, 1, "", 0)[1]
         qt = dict(tensors)
         qt.update(logical)
         with torch.inference_mode():

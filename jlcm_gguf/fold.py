@@ -111,3 +111,18 @@ def logical(stored: np.ndarray, order: np.ndarray) -> np.ndarray:
     out = np.empty_like(stored)
     out[order] = stored
     return out
+
+
+def companion_layout(name: str, rows: int, hp: Hparams, n_groups: int, quantized: set[str]) -> tuple[int, bool]:
+    """(number of groups, stored permutation?) that fold_layer / fold_global give `name`, known before any
+    grouping runs, so a size budget can be planned exactly. Mirrors the rules above."""
+    own = (max(1, min(n_groups, rows)), True)
+    if not name.startswith("blk."):
+        return own
+    p, kind = name.rsplit(".", 2)[0] + ".", name.rsplit(".", 2)[1]
+    if kind in ("ffn_gate", "ffn_up") and p + "ffn_gate.weight" in quantized and p + "ffn_up.weight" in quantized:
+        return own[0], False
+    if kind == "attn_v":
+        g_head = max(1, n_groups // hp.n_head_kv)
+        return hp.n_head_kv * max(1, min(g_head, hp.head_dim)), False
+    return own

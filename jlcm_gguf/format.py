@@ -18,6 +18,10 @@ KEY_FORMAT_VERSION = "jlcm.format_version"
 KEY_BITS = "jlcm.bits"
 KEY_GROUPS = "jlcm.groups"
 KEY_VARIANT = "jlcm.variant"
+KEY_ROTATION = "jlcm.rotation"  # string, present when the residual stream is rotated (--rotate)
+KEY_PLAN_TENSORS = "jlcm.plan.tensors"  # string array: every planned weight matrix
+KEY_PLAN_TYPES = "jlcm.plan.types"      # uint8 array: its ggml type id (fixed size: the header does not depend on the plan)
+KEY_PLAN_TARGET = "jlcm.plan.target_bytes"  # uint64, 0 without a budget
 
 DEFAULT_CODEBOOKS = {
     2: np.array([-127, -38, 38, 127], dtype=np.int8),

@@ -39,7 +39,8 @@ def to_int8_codebook(c: np.ndarray) -> np.ndarray:
 
 
 def init_codebooks(w_stored: np.ndarray, h: np.ndarray | None, bounds: np.ndarray, bits: int,
-                   variant: str = "codebooks", seed: int = 0, rounds: int = 2) -> np.ndarray:
+                   variant: str = "codebooks", seed: int = 0, rounds: int = 2,
+                   max_samples: int = MAX_SAMPLES) -> np.ndarray:
     """Entry point. int8 codebooks [n_groups, 2^bits] for the stored (grouped) rows of w.
 
     A first k-means runs on w / amax per block; then `rounds` times the blocks are packed with the current
@@ -64,8 +65,8 @@ def init_codebooks(w_stored: np.ndarray, h: np.ndarray | None, bounds: np.ndarra
         for r0, r1 in spans:
             if (r0, r1) not in cache:  # the "scales" variant fits one codebook for all groups
                 vv, ww = v[r0:r1].ravel(), wt[r0:r1].ravel()
-                if len(vv) > MAX_SAMPLES:
-                    pick = rng.choice(len(vv), MAX_SAMPLES, replace=False)
+                if len(vv) > max_samples:
+                    pick = rng.choice(len(vv), max_samples, replace=False)
                     vv, ww = vv[pick], ww[pick]
                 cache[(r0, r1)] = to_int8_codebook(weighted_kmeans_1d(vv, ww, k))
             out.append(cache[(r0, r1)])

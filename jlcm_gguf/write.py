@@ -66,10 +66,13 @@ def write_raw_gguf(path, tensors: dict, arch: str = "llama", metadata=None) -> N
 STANDARD_TYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0", "q5_0": "Q5_0", "q4_0": "Q4_0"}
 
 
-def standard_type(name: str, arr: np.ndarray, embd_type: str) -> GGMLQuantizationType:
-    """The documented rule for tensors JLCM does not cover (docs/CONVERTER.md):
+def standard_type(name: str, arr: np.ndarray, embd_type: str, planned: str | None = None) -> GGMLQuantizationType:
+    """A type the plan gave the tensor (q5_0, q8_0), else the documented rule for tensors JLCM does not cover
+    (docs/CONVERTER.md):
     1-D tensors and norms: F32; token_embd/output: --embd-type when it is a standard type, else Q8_0;
     other matrices whose width is not a multiple of 64: Q8_0 (width a multiple of 32) or F16."""
+    if planned in STANDARD_TYPES:
+        return GGMLQuantizationType[STANDARD_TYPES[planned]]
     if arr.ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
         return GGMLQuantizationType.F32
     if name in ("token_embd.weight", "output.weight") and embd_type in STANDARD_TYPES:
@@ -125,13 +128,13 @@ def write_gguf(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_o
     return summary
 
 
-def _write_and_verify(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_out) -> dict:
-    from gguf.quants import quantize
-
-    from .format import FORMAT_VERSION, KEY_BITS, KEY_FORMAT_VERSION, KEY_GROUPS, KEY_VARIANT
+def _add_tensors(writer, order: list[str], tensors: dict, jlcm: dict, opt, kinds: dict | None,
+                 dry: bool = False) -> tuple[int, int, int]:
+    """Every tensor in the converter's order into the writer; (weights, JLCM weights, JLCM bytes). dry: only
+    names, shapes and types matter (np.empty data is never touched), for predict_bytes."""
+    from gguf.quants import quant_shape_to_byte_shape, quantize
 
     log = logging.getLogger("jlcm-convert")
-    writer = instance.gguf_writer
     n_weights_jlcm = bytes_jlcm = n_weights = 0
     for name in order:
         arr = tensors[name]
@@ -142,24 +145,121 @@ def _write_and_verify(instance, order: list[str], tensors: dict, jlcm: dict, opt
             n_weights_jlcm += arr.size
             bytes_jlcm += spec["packed"].nbytes + spec["codebooks"].nbytes + spec["bounds"].size * 4 + (
                 0 if spec["perm"] is None else spec["perm"].size * 8)
-            log.info("%-32s %-9s JLCM%d, %d groups%s", name, "x".join(map(str, arr.shape[::-1])), spec["bits"],
-                     len(spec["bounds"]), ", stored permutation" if spec["perm"] is not None else "")
+            if not dry:
+                log.info("%-32s %-9s JLCM%d, %d groups%s", name, "x".join(map(str, arr.shape[::-1])), spec["bits"],
+                         len(spec["bounds"]), ", stored permutation" if spec["perm"] is not None else "")
         else:
-            qt = standard_type(name, arr, opt.embd_type)
-            data = arr if qt == GGMLQuantizationType.F32 else quantize(arr, qt)
+            qt = standard_type(name, arr, opt.embd_type, (kinds or {}).get(name))
+            if qt == GGMLQuantizationType.F32:
+                data = np.asarray(arr, dtype=np.float32)
+            elif dry:
+                data = np.empty(quant_shape_to_byte_shape(arr.shape, qt), dtype=np.uint8)
+            else:
+                data = quantize(np.asarray(arr, dtype=np.float32), qt)
             writer.add_tensor(name, data, raw_dtype=qt)
-            if arr.ndim > 1:
+            if arr.ndim > 1 and not dry:
                 log.info("%-32s %-9s %s (not covered by JLCM)", name, "x".join(map(str, arr.shape[::-1])), qt.name)
+    return n_weights, n_weights_jlcm, bytes_jlcm
+
+
+def _add_metadata(instance, kinds: dict, opt) -> None:
+    """The vendored converter's metadata, then jlcm.*: the plan (every planned matrix and its ggml type) is
+    written for every file, so the header's size does not depend on which types a plan picks."""
+    from gguf import GGUFValueType
+
+    from .format import (FORMAT_VERSION, KEY_BITS, KEY_FORMAT_VERSION, KEY_GROUPS, KEY_PLAN_TARGET, KEY_PLAN_TYPES,
+                         KEY_PLAN_TENSORS, KEY_ROTATION, KEY_VARIANT)
+
+    writer = instance.gguf_writer
     instance.prepare_metadata(vocab_only=False)
     writer.add_uint32(KEY_FORMAT_VERSION, FORMAT_VERSION)
-    writer.add_uint32(KEY_BITS, opt.bits)
+    writer.add_uint32(KEY_BITS, _layer_bits(kinds, opt.bits))
     writer.add_uint32(KEY_GROUPS, opt.groups)
     writer.add_string(KEY_VARIANT, opt.variant)
+    if getattr(opt, "rotate", False):
+        writer.add_string(KEY_ROTATION, f"randomized-hadamard seed={opt.seed}")
+    if kinds:
+        from .plan import type_id
+        names = sorted(kinds)
+        writer.add_key_value(KEY_PLAN_TENSORS, names, GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
+        writer.add_key_value(KEY_PLAN_TYPES, [type_id(kinds[n]) for n in names], GGUFValueType.ARRAY,
+                             sub_type=GGUFValueType.UINT8)
+        writer.add_uint64(KEY_PLAN_TARGET, int(getattr(opt, "target_bytes", 0) or 0))
+
+
+def _layer_bits(kinds: dict | None, default: int) -> int:
+    """The JLCM width most layer matrices have (a mixed file's jlcm.bits)."""
+    count: dict[int, int] = {}
+    for name, kind in (kinds or {}).items():
+        if name.startswith("blk.") and kind.startswith("jlcm"):
+            count[int(kind[4:])] = count.get(int(kind[4:]), 0) + 1
+    return max(count, key=lambda b: (count[b], b)) if count else default
+
+
+def file_bytes(writer) -> int:
+    """The size gguf-py's writer will give the file: header, key-values and tensor infos padded to the
+    alignment, then each tensor's data padded."""
+    from gguf import GGUFValueType
+
+    a = writer.data_alignment
+    n = 4 + 4 + 8 + 8
+    for key, val in writer.kv_data[0].items():
+        n += len(writer._pack_val(key, GGUFValueType.STRING, add_vtype=False))
+        n += len(writer._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type))
+    for name, ti in writer.tensors[0].items():
+        n += len(writer._pack_val(name, GGUFValueType.STRING, add_vtype=False)) + 4 + 8 * len(ti.shape) + 4 + 8
+    return -(-n // a) * a + sum(-(-ti.nbytes // a) * a for ti in writer.tensors[0].values())
+
+
+def shape_spec(rows: int, cols: int, bits: int, groups: int, stored_perm: bool) -> dict:
+    """A JLCM spec with the right shapes and untouched data, for predict_bytes."""
+    from .format import QK
+
+    return dict(packed=np.empty((rows, cols // QK * BLOCK_BYTES[bits]), dtype=np.uint8), bits=bits,
+                codebooks=np.zeros((groups, 1 << bits), dtype=np.int8),
+                bounds=(np.arange(1, groups + 1) * rows // groups).astype(np.int32),
+                perm=np.arange(rows, dtype=np.int32) if stored_perm else None)
+
+
+def predict_bytes(instance, order: list[str], tensors: dict, jlcm_shapes: dict, opt, kinds: dict) -> int:
+    """Exact size of the file write_gguf would write with JLCM weights of these shapes (shape_spec), found
+    by filling a scratch copy of the converter's writer the same way, without data."""
+    import copy
+
+    real = instance.gguf_writer
+    scratch = copy.copy(real)
+    vars(scratch).pop("add_tensor", None)  # a method patched onto the instance would still write to `real`
+    scratch.kv_data = [dict(kv) for kv in real.kv_data]
+    scratch.tensors = [{}]
+    instance.gguf_writer = scratch
+    metadata = getattr(instance, "metadata", None)
+    quiet = logging.getLogger("hf-to-gguf"), logging.getLogger("gguf.gguf_writer")
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        _add_tensors(scratch, order, tensors, jlcm_shapes, opt, kinds, dry=True)
+        _add_metadata(instance, kinds, opt)
+        return file_bytes(scratch)
+    finally:
+        instance.gguf_writer = real
+        instance.metadata = metadata
+        for q, lv in zip(quiet, levels):
+            q.setLevel(lv)
+
+
+def _write_and_verify(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_out) -> dict:
+    writer = instance.gguf_writer
+    n_weights, n_weights_jlcm, bytes_jlcm = _add_tensors(writer, order, tensors, jlcm, opt, opt.widths)
+    _add_metadata(instance, opt.widths, opt)
+    expected = file_bytes(writer)
     writer.write_header_to_file(path=tmp_out)
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=True)
     writer.close()
     verify_written(tmp_out, order, jlcm)
+    if os.path.getsize(tmp_out) != expected:
+        raise RuntimeError(f"{tmp_out} has {os.path.getsize(tmp_out):,} bytes, the size computed for it is {expected:,}")
     os.replace(tmp_out, opt.outfile)
     size = os.path.getsize(opt.outfile)
     return {"file": str(opt.outfile), "bytes": size, "weights": n_weights, "bpw": 8 * size / n_weights,

@@ -44,3 +44,19 @@ def smollm2() -> Path:
     """The float SmolLM2-135M-Instruct Hugging Face folder (the reference model)."""
     from jlcm_gguf.models import smollm2_hf_dir
     return smollm2_hf_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_float(smollm2):
+    """SmolLM2's float tensors as the vendored converter writes them (GGUF names), their order, Hparams."""
+    import json
+
+    import gguf
+
+    from jlcm_gguf.convert import float_tensors, hparams_of, import_conversion
+    conversion = import_conversion()
+    config = json.loads((smollm2 / "config.json").read_text())
+    cls = conversion.get_model_class(conversion.get_model_architecture(config, conversion.ModelType.TEXT))
+    inst = cls(smollm2, gguf.LlamaFileType.ALL_F32, Path("/dev/null"), eager=True)
+    tensors, order = float_tensors(inst)
+    return tensors, order, hparams_of(config)

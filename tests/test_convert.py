@@ -18,20 +18,15 @@ import pytest
 
 from conftest import CONVERTER, error_line, run, tool
 from jlcm_gguf import model as M
-from jlcm_gguf.convert import Options, convert, float_tensors, hparams_of, import_conversion
+from jlcm_gguf.convert import Options, convert
 from jlcm_gguf.fold import fold_layer, logical
 from jlcm_gguf.init import init_codebooks
 from jlcm_gguf.pack import assign, dequantize, pack_blocks, quantize_to_codebooks, unpack_blocks
 
 @pytest.fixture(scope="module")
-def smollm2_tensors(smollm2):
-    import gguf
-    conversion = import_conversion()
-    config = json.loads((smollm2 / "config.json").read_text())
-    cls = conversion.get_model_class(conversion.get_model_architecture(config, conversion.ModelType.TEXT))
-    inst = cls(smollm2, gguf.LlamaFileType.ALL_F32, Path("/dev/null"), eager=True)
-    tensors, _ = float_tensors(inst)
-    return tensors, hparams_of(config)
+def smollm2_tensors(smollm2_float):
+    tensors, _, hp = smollm2_float
+    return tensors, hp
 
 
 def test_folding_keeps_logits(smollm2_tensors):

@@ -1,0 +1,345 @@
+"""Plan step: a storage type per weight matrix that fits a byte budget (--target-size / --target-bpw / --plan).
+
+The choices are JLCM at 2, 3 or 4 bits and, for the few tensors worth more than 4 bits, llama.cpp's Q5_0 and
+Q8_0. Inference only. For every tensor and choice the weights are quantized by a fast version of the
+converter's own quantizer (grouping + one k-means pass; gguf-py's for Q5_0/Q8_0), which gives the error e(b) = sum_j h_j sum_i (w_ij - q_ij)^2
+(h_j = E[x_j^2], the input's second moment from a float forward pass on calibration text): the expected
+squared error the tensor adds to its output. The error only ranks the widths of one tensor; how much the
+tensor matters for the model is measured: the KL divergence of the output distribution from the float
+model's when that tensor alone is at its lowest width (JLCM 2-bit). The score of a choice is that KL scaled
+by e(choice) / e(lowest), an estimate of the KL the tensor adds stored that way. (`fast=True`: the raw
+error of a sample of rows, no measurement; for models too large to run once per tensor.)
+
+Search: each tensor's (bytes, score) options are reduced to their lower convex hull (fewer bytes always
+cost score, and each further step down costs more score per byte than the one before), so all moves of all
+tensors sort into one sequence by score per byte saved. The greedy search starts every tensor at its
+largest option and takes moves in that order until the file fits. A budget's plan is a prefix of the one
+sequence: a larger budget stops earlier on the same path and never has a worse score.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .format import BLOCK_BYTES, QK
+
+log = logging.getLogger("jlcm-convert")
+
+# what a tensor can be stored as: JLCM at 2/3/4 bits, or llama.cpp's Q5_0 / Q8_0 (32-weight blocks) where a
+# tensor is worth more than 4 bits; ordered by size
+CHOICES = ("jlcm2", "jlcm3", "jlcm4", "q5_0", "q8_0")
+WIDTHS = (2, 3, 4)
+STANDARD = {"q5_0": ("Q5_0", 22), "q8_0": ("Q8_0", 34)}  # gguf type name, bytes per 32 weights
+FAST_ROWS = 1024  # --fast scores a sample of this many rows per matrix
+ALIGNMENT = 32  # gguf-py pads every tensor's data to this
+PLAN_FORMAT = "jlcm-plan"
+
+
+class PlanError(ValueError):
+    pass
+
+
+def pad(n: int) -> int:
+    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def tensor_bytes(rows: int, cols: int, bits: int, groups: int, stored_perm: bool) -> int:
+    """Bytes a JLCM weight takes in the file with its companions, padding included (docs/FORMAT.md)."""
+    return (pad(rows * (cols // QK) * BLOCK_BYTES[bits]) + pad(groups << bits) + pad(4 * groups)
+            + (pad(8 * rows) if stored_perm else 0))
+
+
+def choice_bytes(kind: str, rows: int, cols: int, groups: int, stored_perm: bool) -> int:
+    if kind in STANDARD:
+        return pad(rows * cols // 32 * STANDARD[kind][1])
+    return tensor_bytes(rows, cols, int(kind[4:]), groups, stored_perm)
+
+
+def type_id(kind: str) -> int:
+    """ggml type id of a choice (what the plan metadata stores)."""
+    from gguf import GGMLQuantizationType
+
+    from .format import TYPE_IDS
+    return TYPE_IDS[int(kind[4:])] if kind.startswith("jlcm") else int(GGMLQuantizationType[STANDARD[kind][0]])
+
+
+def kind_of_type(tid: int) -> str | None:
+    return next((k for k in CHOICES if type_id(k) == tid), None)
+
+
+@dataclass(frozen=True)
+class Option:
+    kind: str      # a CHOICES entry
+    bytes: int
+    score: float
+
+
+def hull(options: list[Option]) -> list[Option]:
+    """Largest option first, then the lower convex hull of (bytes, score) towards fewer bytes: options that
+    are dominated (no fewer bytes for no more score) or that a mix of neighbours beats are dropped."""
+    pts = sorted(options, key=lambda o: (-o.bytes, o.score))
+    front: list[Option] = []
+    for o in pts:
+        if front and o.bytes == front[-1].bytes:
+            continue  # same size, higher or equal score
+        while front and o.score <= front[-1].score:
+            front.pop()  # o is smaller and no worse
+        while len(front) >= 2:
+            a, b = front[-2], front[-1]
+            # slope (score gained per byte saved) must increase along the front
+            if (b.score - a.score) * (b.bytes - o.bytes) >= (o.score - b.score) * (a.bytes - b.bytes):
+                front.pop()
+            else:
+                break
+        front.append(o)
+    return front
+
+
+def moves(options: dict[str, list[Option]]) -> tuple[dict[str, list[Option]], list[tuple[float, str, int]]]:
+    """Per-tensor fronts and every move (score per byte saved, tensor, index on its front) in the order the
+    search takes them."""
+    fronts = {n: hull(o) for n, o in options.items()}
+    seq = [((f[i].score - f[i - 1].score) / (f[i - 1].bytes - f[i].bytes), n, i)
+           for n, f in fronts.items() for i in range(1, len(f))]
+    seq.sort()
+    return fronts, seq
+
+
+def walk(options: dict[str, list[Option]], budget: int) -> tuple[dict[str, str], int, int]:
+    """The greedy search: (choice per tensor, their bytes, bytes saved by the last move taken; 0 if none)."""
+    fronts, seq = moves(options)
+    choice = {n: 0 for n in fronts}
+    total = sum(f[0].bytes for f in fronts.values())
+    last = 0
+    for _, n, i in seq:
+        if total <= budget:
+            break
+        f = fronts[n]
+        last = f[i - 1].bytes - f[i].bytes
+        total -= last
+        choice[n] = i
+    if total > budget:
+        raise PlanError(f"the budget leaves {budget:,} bytes for the planned tensors; at their smallest they "
+                        f"take {total:,}")
+    return {n: fronts[n][i].kind for n, i in choice.items()}, total, last
+
+
+def search(options: dict[str, list[Option]], budget: int) -> dict[str, str]:
+    """Entry point of the search: a choice per tensor with sum of bytes <= budget (see the module text)."""
+    return walk(options, budget)[0]
+
+
+def plan_score(options: dict[str, list[Option]], bits: dict[str, str]) -> float:
+    return float(sum(next(o.score for o in options[n] if o.kind == b) for n, b in bits.items()))
+
+
+def plan_bytes(options: dict[str, list[Option]], bits: dict[str, str]) -> int:
+    return sum(next(o.bytes for o in options[n] if o.kind == b) for n, b in bits.items())
+
+
+# --- scoring ---------------------------------------------------------------------------------------------
+
+def quick_error(w: np.ndarray, h: np.ndarray | None, kind: str, groups: int, variant: str, seed: int,
+                grouping=None) -> tuple[float, np.ndarray]:
+    """(h-weighted squared error, dequantized weights in original row order) of w stored as `kind`: for
+    JLCM by grouping and one k-means pass, for Q5_0/Q8_0 by gguf-py's reference quantizer."""
+    hw = np.ones(w.shape[1]) if h is None else np.asarray(h, dtype=np.float64)
+    if kind in STANDARD:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize, quantize
+        qt = GGMLQuantizationType[STANDARD[kind][0]]
+        q = dequantize(quantize(w, qt), qt).reshape(w.shape)
+    else:
+        from .group import group_rows, row_profiles
+        from .init import init_codebooks
+        from .pack import assign
+
+        bits = int(kind[4:])
+        order, bounds = grouping if grouping is not None else group_rows(row_profiles(w, h), groups, seed)
+        ws = w[order]
+        cb = init_codebooks(ws, h, bounds, bits, variant, seed, rounds=0, max_samples=1 << 14)
+        idx, d = assign(ws, bits, cb, bounds, h)
+        grp = np.searchsorted(bounds, np.arange(len(ws)), side="right")
+        q = np.empty_like(ws)
+        q[order] = (np.repeat(d.astype(np.float32), QK, axis=1)
+                    * cb[grp[:, None], idx].astype(np.float32))
+    return float((((w - q).astype(np.float64) ** 2).sum(0) * hw).sum()), q
+
+
+def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple[int, bool]], groups: int,
+                  variant: str, seed: int, fast: bool = False, kl_windows: int = 2,
+                  choices: tuple[str, ...] = CHOICES) -> dict[str, list[Option]]:
+    """(bytes, score) of each tensor in `layout` at each width (see the module text)."""
+    import torch
+    from tqdm import tqdm
+
+    from . import model as M
+
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    inputs: list[list[torch.Tensor]] = []  # float input of each block, for the KL windows
+    kl_tokens = tokens[:kl_windows]
+    with torch.inference_mode():
+        for s, seq in enumerate(tokens):
+            x = M.embed(seq, tensors)
+            keep = not fast and s < len(kl_tokens)
+            xs = [x] if keep else None
+            for bid in range(hp.n_layer):
+                def observe(name, inp):
+                    v = inp.double().pow(2).sum(0)
+                    sums[name] = sums[name] + v if name in sums else v
+                x = M.block_forward(x, tensors, bid, hp, observe)
+                if keep:
+                    xs.append(x)
+            v = M.rms_norm(x, M.t(tensors["output_norm.weight"]), hp.rms_eps).double().pow(2).sum(0)
+            sums["output"] = sums["output"] + v if "output" in sums else v
+            count += len(seq)
+            if keep:
+                inputs.append(xs)
+        ref = [torch.log_softmax(M.head(xs[-1], tensors, hp).double(), -1) for xs in inputs]
+    h = {k: (v / count).numpy() for k, v in sums.items()}
+
+    def h_of(name):
+        return h["output"] if not name.startswith("blk.") else h[name.removesuffix(".weight")]
+
+    def kl_with(name: str, q: np.ndarray) -> float:
+        t = dict(tensors)
+        t[name] = q
+        total = 0.0
+        with torch.inference_mode():
+            for seq, xs, lp in zip(kl_tokens, inputs, ref):
+                if name.startswith("blk."):
+                    bid = int(name.split(".")[1])
+                    x = xs[bid]
+                elif name == "token_embd.weight":
+                    bid, x = 0, M.embed(seq, t)
+                else:
+                    bid, x = hp.n_layer, xs[-1]
+                for b in range(bid, hp.n_layer):
+                    x = M.block_forward(x, t, b, hp)
+                lq = torch.log_softmax(M.head(x, t, hp).double(), -1)
+                total += float((lp.exp() * (lp - lq)).sum(-1).mean())
+        return total / len(kl_tokens)
+
+    from .group import group_rows, row_profiles
+
+    options: dict[str, list[Option]] = {}
+    rng = np.random.default_rng(seed)
+    for name in tqdm(sorted(layout, key=_natural), desc="scoring widths", unit="tensor"):
+        w = np.asarray(tensors[name], dtype=np.float32)
+        rows_all = w.shape[0]
+        if fast and rows_all > FAST_ROWS:  # the error of a row sample, scaled to the whole matrix
+            w = w[np.sort(rng.choice(rows_all, FAST_ROWS, replace=False))]
+        n_groups, stored = layout[name]
+        kinds = [k for k in choices if k in STANDARD and w.shape[1] % 32 == 0 or k not in STANDARD]
+        grouping = group_rows(row_profiles(w, h_of(name)), n_groups, seed)
+        errs, lowest = {}, None
+        for kind in kinds:
+            errs[kind], q = quick_error(w, h_of(name), kind, n_groups, variant, seed, grouping)
+            if lowest is None:
+                lowest = q
+        if fast:
+            scale = 1.0
+        else:
+            kl = kl_with(name, lowest)
+            scale = max(kl, 0.0) / max(errs[kinds[0]], 1e-30)
+        scale *= rows_all / w.shape[0]
+        options[name] = [Option(k, choice_bytes(k, rows_all, w.shape[1], n_groups, stored), errs[k] * scale)
+                         for k in kinds]
+    return options
+
+
+def _natural(name: str):
+    parts = name.split(".")
+    return (0, int(parts[1]), name) if parts[0] == "blk" else (1, 0, name)
+
+
+# --- plans as files and metadata -------------------------------------------------------------------------
+
+def parse_size(text: str) -> int:
+    """'2.0GB' -> 2_000_000_000 (decimal units as in the issue; KiB/MiB/GiB binary); a bare number is bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = text.strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        raise PlanError(f"cannot read the size {text!r} (examples: 2.0GB, 80MB, 1.5GiB, 123456789)") from None
+    if unit not in units or value <= 0:
+        raise PlanError(f"cannot read the size {text!r} (examples: 2.0GB, 80MB, 1.5GiB, 123456789)")
+    return int(value * units[unit])
+
+
+def load_plan(path: Path) -> dict[str, int]:
+    """A plan from a JSON file written by save_plan, or from the metadata of a JLCM GGUF file."""
+    path = Path(path)
+    try:
+        if path.suffix == ".gguf":
+            from gguf import GGUFReader
+
+            from .format import KEY_PLAN_TENSORS, KEY_PLAN_TYPES
+            r = GGUFReader(str(path))
+            if KEY_PLAN_TENSORS not in r.fields or KEY_PLAN_TYPES not in r.fields:
+                raise PlanError(f"{path} has no JLCM plan in its metadata")
+            names = r.fields[KEY_PLAN_TENSORS].contents()
+            ids = r.fields[KEY_PLAN_TYPES].contents()
+            plan = dict(zip(names, (kind_of_type(int(i)) for i in ids)))
+        else:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT or not isinstance(doc.get("tensors"), dict):
+                raise PlanError(f"{path} is not a JLCM plan (a JSON object with \"format\": \"{PLAN_FORMAT}\")")
+            plan = doc["tensors"]
+    except (OSError, ValueError) as e:
+        if isinstance(e, PlanError):
+            raise
+        raise PlanError(f"cannot read the plan {path}: {e}") from None
+    bad = [n for n, b in plan.items() if not isinstance(n, str) or b not in CHOICES]
+    if bad:
+        raise PlanError(f"{path}: {bad[0]!r} has no valid type (one of {', '.join(CHOICES)})")
+    return dict(plan)
+
+
+def save_plan(path: Path, bits: dict[str, str], info: dict | None = None,
+              options: dict[str, list[Option]] | None = None) -> None:
+    """JSON: the plan, what it was searched for, and (if given) every tensor's scored options, so a plan for
+    another budget can be searched again from the same scores."""
+    doc = {"format": PLAN_FORMAT, "version": 1, **(info or {}),
+           "tensors": {n: bits[n] for n in sorted(bits, key=_natural)}}
+    if options:
+        doc["options"] = {n: [[o.kind, o.bytes, o.score] for o in options[n]] for n in sorted(options, key=_natural)}
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def load_options(path: Path) -> dict[str, list[Option]]:
+    """The scored options saved with a plan ({} if it has none)."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        opts = doc.get("options", {}) if isinstance(doc, dict) else {}
+        out = {n: [Option(str(k), int(b), float(sc)) for k, b, sc in v] for n, v in opts.items()}
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise PlanError(f"cannot read the scores in {path}: {e}") from None
+    if any(o.kind not in CHOICES or o.bytes <= 0 for v in out.values() for o in v):
+        raise PlanError(f"{path} has scores for an unknown type or size")
+    return out
+
+
+def describe(bits: dict[str, str]) -> list[str]:
+    """One line per layer, e.g. 'blk.3   q:4 k:3 v:q8_0 o:3 gate:2 up:2 down:3' (JLCM bits or a llama.cpp
+    type), for the log."""
+    short = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o", "ffn_gate": "gate",
+             "ffn_up": "up", "ffn_down": "down"}
+    rows: dict[str, list[str]] = {}
+    for n in sorted(bits, key=_natural):
+        parts = n.split(".")
+        key = ".".join(parts[:2]) if parts[0] == "blk" else parts[0]
+        kind = bits[n][4:] if bits[n].startswith("jlcm") else bits[n]
+        rows.setdefault(key, []).append(f"{short.get(parts[-2], parts[-2])}:{kind}")
+    return [f"{k:<12} {' '.join(v)}" for k, v in rows.items()]

@@ -1,0 +1,200 @@
+"""Per-tensor mixed precision under a size budget (#6): the greedy search on its own, then through the
+converter on SmolLM2: the file meets the budget exactly and never exceeds it, a larger budget never scores
+worse, the plan round-trips through GGUF metadata and --plan, and the mixed file runs in llama.cpp."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import CONVERTER, error_line, run, tool
+from jlcm_gguf import plan as P
+
+
+def random_options(rng, n=40) -> dict[str, list[P.Option]]:
+    out = {}
+    for i in range(n):
+        rows, cols = int(rng.integers(1, 40)) * 8, int(rng.integers(1, 12)) * 64
+        groups, stored = int(rng.integers(1, 9)), bool(rng.integers(2))
+        err = np.sort(rng.gamma(1.0, 1.0, size=3))[::-1] * rng.uniform(0.1, 10)  # fewer bits, more error
+        if rng.random() < 0.2:
+            err = rng.gamma(1.0, 1.0, size=3)  # noisy measurements: a lower width may score better
+        out[f"blk.{i // 7}.t{i % 7}.weight"] = [P.Option(f"jlcm{b}", P.tensor_bytes(rows, cols, b, groups, stored),
+                                                         float(e)) for b, e in zip(P.WIDTHS, err)]
+    return out
+
+
+def test_tensor_bytes_counts_padding():
+    # 576 x 576 at 2 bits: 9 blocks of 18 bytes per row; 16 groups; a stored permutation
+    assert P.tensor_bytes(576, 576, 2, 16, True) == 576 * 9 * 18 + 64 + 64 + 576 * 8
+    assert P.tensor_bytes(3, 64, 3, 3, False) == 96 + 32 + 32
+
+
+def test_hull_keeps_a_convex_decreasing_front():
+    rng = np.random.default_rng(0)
+    for opts in random_options(rng, 200).values():
+        f = P.hull(opts)
+        best = min(o.score for o in opts)
+        assert f[0].score == best and f[0].bytes == max(o.bytes for o in opts if o.score == best)
+        assert all(a.bytes > b.bytes and a.score < b.score for a, b in zip(f, f[1:]))
+        slopes = [(b.score - a.score) / (a.bytes - b.bytes) for a, b in zip(f, f[1:])]
+        assert slopes == sorted(slopes)
+        # no dropped option lies below the front (linear between its points, flat beyond its largest)
+        xs, ys = [p.bytes for p in f][::-1], [p.score for p in f][::-1]
+        for o in opts:
+            assert o.score >= np.interp(o.bytes, xs, ys) - 1e-9
+
+
+def test_search_meets_budget_and_larger_budget_never_scores_worse():
+    rng = np.random.default_rng(1)
+    for trial in range(20):
+        opts = random_options(rng)
+        fronts, seq = P.moves(opts)
+        top = sum(f[0].bytes for f in fronts.values())
+        low = sum(f[-1].bytes for f in fronts.values())
+        biggest_move = max(fronts[n][i - 1].bytes - fronts[n][i].bytes for _, n, i in seq)
+        budgets = np.sort(rng.integers(low, top + 1000, size=60))
+        prev_score = None
+        for budget in budgets:
+            widths, size, last = P.walk(opts, int(budget))
+            assert size == P.plan_bytes(opts, widths) <= budget
+            if budget < top:  # stops at the first fit: one move less would not fit
+                assert 0 < last <= biggest_move and budget - size < last
+            score = P.plan_score(opts, widths)
+            if prev_score is not None:
+                assert score <= prev_score + 1e-9 * max(1.0, abs(prev_score))
+            prev_score = score
+        with pytest.raises(P.PlanError):
+            P.search(opts, low - 1)
+
+
+def test_search_takes_the_cheapest_moves_first():
+    # two tensors of the same size: the one whose error grows less gives up bits first
+    b = {w: P.tensor_bytes(64, 64, w, 1, False) for w in P.WIDTHS}
+    opts = {"robust": [P.Option(f"jlcm{w}", b[w], s) for w, s in zip(P.WIDTHS, (3.0, 1.5, 1.0))],
+            "fragile": [P.Option(f"jlcm{w}", b[w], s) for w, s in zip(P.WIDTHS, (300.0, 20.0, 1.0))]}
+    assert P.search(opts, b[4] + b[3]) == {"robust": "jlcm3", "fragile": "jlcm4"}
+    assert P.search(opts, b[2] + b[4]) == {"robust": "jlcm2", "fragile": "jlcm4"}
+    assert P.search(opts, 2 * b[2]) == {"robust": "jlcm2", "fragile": "jlcm2"}
+
+
+def test_parse_size():
+    assert P.parse_size("2.0GB") == 2 * 10**9
+    assert P.parse_size("80MB") == 80 * 10**6
+    assert P.parse_size("1GiB") == 2**30
+    assert P.parse_size("123456") == 123456
+    for bad in ("", "GB", "-1GB", "2XB", "abc"):
+        with pytest.raises(P.PlanError):
+            P.parse_size(bad)
+
+
+def test_plan_json_roundtrip_and_bad_plans(tmp_path):
+    widths = {"blk.0.attn_q.weight": "jlcm2", "blk.10.ffn_up.weight": "q8_0", "token_embd.weight": "jlcm3"}
+    P.save_plan(tmp_path / "p.json", widths, {"target_bytes": 5})
+    assert P.load_plan(tmp_path / "p.json") == widths
+    (tmp_path / "bad.json").write_text(json.dumps({"format": P.PLAN_FORMAT, "tensors": {"x": "jlcm5"}}))
+    with pytest.raises(P.PlanError, match="valid type"):
+        P.load_plan(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text("[1, 2]")
+    with pytest.raises(P.PlanError, match="not a JLCM plan"):
+        P.load_plan(tmp_path / "other.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(P.PlanError, match="cannot read"):
+        P.load_plan(tmp_path / "broken.json")
+
+
+# --- through the converter, on SmolLM2 ---------------------------------------------------------------------
+
+SMALL = ["--groups", "8", "--nsamples", "4", "--seqlen", "128"]
+
+
+TARGET = 45_000_000  # between SmolLM2 at JLCM 2-bit everywhere (~40.7 MB) and JLCM 4-bit (~74 MB)
+
+
+@pytest.fixture(scope="module")
+def mixed(smollm2, tmp_path_factory):
+    d = tmp_path_factory.mktemp("mixed")
+    out = d / "mixed.gguf"
+    res = run(CONVERTER + [smollm2, "--outfile", out, "--target-size", "45MB", "--save-plan", d / "plan.json"]
+              + SMALL, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, d / "plan.json", res.stderr
+
+
+def test_mixed_file_meets_the_budget_exactly(mixed):
+    from gguf import GGUFReader
+
+    from jlcm_gguf.format import KEY_PLAN_TARGET
+    path, plan_json, log = mixed
+    size = path.stat().st_size
+    doc = json.loads(plan_json.read_text())
+    assert size <= TARGET and doc["predicted_bytes"] == size and doc["target_bytes"] == TARGET
+    assert int(GGUFReader(str(path)).fields[KEY_PLAN_TARGET].contents()) == TARGET
+    # the saved scores reproduce the plan; one move less would not have fitted
+    options = P.load_options(plan_json)
+    kinds, planned, last = P.walk(options, doc["planned_budget"])
+    assert kinds == doc["tensors"] == P.load_plan(path)
+    assert doc["planned_budget"] - planned < last
+    assert TARGET - size == doc["planned_budget"] - planned
+    assert len(set(kinds.values())) >= 3  # really mixed
+    assert "plan  blk.0" in log and "the file will take" in log
+
+
+def test_larger_budget_never_scores_worse_on_smollm2(mixed):
+    options = P.load_options(mixed[1])
+    low = sum(min(o.bytes for o in v) for v in options.values())
+    high = sum(max(o.bytes for o in v) for v in options.values())
+    scores = [P.plan_score(options, P.search(options, int(b))) for b in np.linspace(low, high, 200)]
+    assert all(b <= a + 1e-12 * abs(a) for a, b in zip(scores, scores[1:]))
+    assert scores[-1] < scores[0]
+
+
+def test_plan_in_metadata_matches_tensor_types(mixed):
+    from gguf import GGUFReader
+
+    path, plan_json, _ = mixed
+    widths = P.load_plan(path)
+    assert widths == P.load_plan(plan_json)
+    types = {t.name: int(t.tensor_type) for t in GGUFReader(str(path)).tensors}
+    assert {n: types[n] for n in widths} == {n: P.type_id(k) for n, k in widths.items()}
+
+
+def test_plan_from_gguf_reproduces_the_file(smollm2, mixed, tmp_path):
+    path = mixed[0]
+    again = tmp_path / "again.gguf"
+    res = run(CONVERTER + [smollm2, "--outfile", again, "--plan", path, "--target-size", str(TARGET)] + SMALL,
+              timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert again.read_bytes() == path.read_bytes()
+
+
+def test_mixed_file_runs_in_llama_cpp(mixed, tmp_path):
+    path = mixed[0]
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    res = run([tool("llama-perplexity"), "-m", path, "-f", text, "-c", "128", "--chunks", "2", "-t", "2"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Final estimate: PPL" in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target-size", "1MB"], "too small: with every JLCM tensor at its lowest width"),
+    (["--target-size", "2XB"], "cannot read the size"),
+    (["--target-size", "80MB", "--target-bpw", "3"], "alternatives"),
+])
+def test_bad_budget_one_clear_error(smollm2, tmp_path, args, message):
+    out = tmp_path / "out.gguf"
+    res = run(CONVERTER + [smollm2, "--outfile", out] + args + SMALL)
+    assert res.returncode != 0
+    assert message in error_line(res)
+    assert not list(tmp_path.glob("out.gguf*"))
+
+
+def test_plan_for_another_model_one_clear_error(smollm2, tmp_path):
+    bad = tmp_path / "plan.json"
+    P.save_plan(bad, {"blk.0.attn_q.weight": "jlcm2", "blk.99.attn_q.weight": "jlcm2"})
+    res = run(CONVERTER + [smollm2, "--outfile", tmp_path / "out.gguf", "--plan", bad] + SMALL)
+    assert res.returncode != 0
+    assert "does not fit this model" in error_line(res)

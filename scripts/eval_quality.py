@@ -24,6 +24,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench  # noqa: E402
+from jlcm_gguf.calib import default_calibration_text  # noqa: E402
+from jlcm_gguf.convert import llama_cpp_dir  # noqa: E402
 from jlcm_gguf.cli import main as convert_main  # noqa: E402
 from jlcm_gguf.evaluate import perplexity, tool, wikitext_test  # noqa: E402
 from jlcm_gguf.models import smollm2_hf_dir  # noqa: E402
@@ -33,34 +35,40 @@ FRONT_TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "Q2_K", "Q4_K_M"]  # eac
 HALF_GAP_TYPES = ["IQ2_XXS", "IQ2_XS", "Q2_K"]                            # ... closing half the gap at its size
 
 
-def build_models(out: Path, threads: int, jlcm_bits: list[int], learned: list[tuple[int, int]],
-                 ablations: list[tuple[int, int]]) -> dict[str, Path]:
-    hf = smollm2_hf_dir()
-    base = bench.build_models(hf, out, threads)  # F16, imatrix, Q4_K_M, Q2_K, IQ2_XXS, IQ2_XS, JLCM 2/3-bit
-    imatrix = out / "imatrix.gguf"
-    models = {"reference": base["F16 (reference)"]}
-    for qt in LLAMA_TYPES:
-        models[qt] = base.get(qt) or bench._once(out / f"{qt}.gguf", lambda t, qt=qt: bench._run(
-            [tool("llama-quantize"), "--imatrix", imatrix, base["F16 (reference)"], t, qt, threads]))
-    for bits in jlcm_bits:
-        def convert(t, bits=bits):
-            if convert_main([str(hf), "--outfile", str(t), "--bits", str(bits), "--threads", str(threads)]):
-                raise SystemExit(f"error: jlcm-convert --bits {bits} failed")
-        models[f"jlcm-{bits}bit"] = bench._once(out / f"jlcm{bits}.gguf", convert)
-    rows = [(f"jlcm-{b}bit-learn{s}", f"jlcm{b}-learn{s}.gguf", ["--bits", b, "--learn-steps", s]) for b, s in learned]
+def row_specs(a, learned, ablations) -> list[tuple[str, str, list]]:
+    """(row name, file name in --out, jlcm-convert arguments) of the JLCM rows, in evaluation order; a
+    --target-size argument "=ROW" is resolved to that row's file size when the row is reached."""
+    rows = [(f"jlcm-{b}bit", f"jlcm{b}.gguf", ["--bits", b]) for b in a.jlcm]
+    rows += [(f"jlcm-{b}bit-learn{s}", f"jlcm{b}-learn{s}.gguf", ["--bits", b, "--learn-steps", s]) for b, s in learned]
     for b, s in ablations:  # issue #4's ablations of the learned row
         rows += [(f"jlcm-{b}bit-learn{s}", f"jlcm{b}-learn{s}.gguf", ["--bits", b, "--learn-steps", s]),
                  (f"jlcm-{b}bit-learn{s}-plain-ste", f"jlcm{b}-learn{s}-plainste.gguf",
                   ["--bits", b, "--learn-steps", s, "--plain-ste"]),
                  (f"jlcm-{b}bit-groups1", f"jlcm{b}-groups1.gguf", ["--bits", b, "--groups", 1]),
                  (f"jlcm-{b}bit-scales", f"jlcm{b}-scales.gguf", ["--bits", b, "--variant", "scales"])]
-    for name, file, args in rows:
-        def convert(t, args=args):
-            cmd = [str(hf), "--outfile", str(t), *map(str, args), "--threads", str(threads)]
-            if convert_main(cmd):
-                raise SystemExit(f"error: jlcm-convert {' '.join(cmd)} failed")
-        models.setdefault(name, bench._once(out / file, convert))
-    return models
+    for ref in a.mixed:  # issue #6: a per-tensor plan at another row's size
+        rows.append((f"jlcm-mixed@{ref}", f"jlcm-mixed-{ref}.gguf", ["--target-size", f"={ref}"]))
+    rows += [(f"jlcm-{b}bit-rotated", f"jlcm{b}-rot.gguf", ["--bits", b, "--rotate"]) for b in a.rotated]
+    seen, out = set(), []
+    for r in rows:
+        if r[0] not in seen:
+            seen.add(r[0])
+            out.append(r)
+    return out
+
+
+def reused_rows(report: Path) -> dict[str, dict]:
+    """Rows of an earlier report's table (--reuse): name -> {bytes, bpw, bpw_matrices, ppl, ppl_err, types}."""
+    rows = {}
+    for line in report.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 6 or not cells[1].replace(",", "").isdigit():
+            continue
+        ppl, err = (float(v) for v in cells[4].split("±"))
+        rows[cells[0].rstrip(" †")] = {"bytes": int(cells[1].replace(",", "")), "bpw": float(cells[2]),
+                                       "bpw_matrices": float(cells[3]), "ppl": ppl, "ppl_err": err,
+                                       "matrix_types_text": cells[5], "reused": True}
+    return rows
 
 
 def sizes(path: Path) -> dict:
@@ -132,21 +140,67 @@ def main() -> int:
     ap.add_argument("--learned", default="", help="JLCM rows with learning, BITS:STEPS[,...] (e.g. 4:40)")
     ap.add_argument("--ablations", default="", help="BITS:STEPS[,...]: the learned row and its ablations (plain "
                     "STE mapping gradient, one group, the scales variant) next to the k-means row of those bits")
+    ap.add_argument("--rotated", default="", help="JLCM bit widths to convert with --rotate as well")
+    ap.add_argument("--mixed", default="", help="ROW[,...]: a mixed-precision file (--target-size) at the size of "
+                    "that row, e.g. jlcm-2bit,IQ2_XXS,Q2_K")
+    ap.add_argument("--reuse", type=Path, help="an earlier report of this script: its rows are taken from there "
+                    "(marked †) instead of measured again; rows it lacks are measured")
+    ap.add_argument("--fresh", default="", help="ROW[,...]: measure these even if --reuse has them")
     ap.add_argument("--out", type=Path, default=Path("out/bench"))
     ap.add_argument("--json", type=Path, help='write {"rows": [{"name", "bytes", "bpw", "ppl", "ppl_err"}, ...]} here')
     ap.add_argument("--doc", type=Path, help="write the Markdown report here (docs/results.md), the plot beside it")
     a = ap.parse_args()
 
     text = a.eval_text or wikitext_test(a.out)
+    a.jlcm = [int(b) for b in a.jlcm.split(",") if b]
+    a.rotated = [int(b) for b in a.rotated.split(",") if b]
+    a.mixed = [r for r in a.mixed.split(",") if r]
+    a.fresh = [r for r in a.fresh.split(",") if r]
     def pairs(arg: str) -> list[tuple[int, int]]:
         return [tuple(int(v) for v in item.split(":")) for item in arg.split(",") if item]
 
-    models = build_models(a.out, a.threads, [int(b) for b in a.jlcm.split(",")], pairs(a.learned), pairs(a.ablations))
-    rows = []
-    for name, path in models.items():
-        ppl, err = perplexity(path, text, a.chunks, a.ctx, a.threads)
-        rows.append({"name": name, **sizes(path), "ppl": ppl, "ppl_err": err})
-        print(f"{name:<12} {rows[-1]['bytes']:>12,} B  {rows[-1]['bpw']:5.2f} bpw  ppl {ppl:9.3f} ± {err:.3f}", flush=True)
+    reuse = reused_rows(a.reuse) if a.reuse else {}
+    hf = smollm2_hf_dir()
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    by: dict[str, dict] = {}
+
+    def measure(name: str, make) -> None:
+        if name in reuse and name not in a.fresh:
+            row = {"name": name, **reuse[name]}
+        else:
+            path = make()
+            ppl, err = perplexity(path, text, a.chunks, a.ctx, a.threads)
+            row = {"name": name, **sizes(path), "ppl": ppl, "ppl_err": err}
+        rows.append(row)
+        by[name] = row
+        print(f"{name:<24} {row['bytes']:>12,} B  {row['bpw']:5.2f} bpw  ppl {row['ppl']:9.3f} ± {row['ppl_err']:.3f}"
+              + ("  (reused)" if row.get("reused") else ""), flush=True)
+
+    def f16() -> Path:
+        return bench._once(a.out / "f16.gguf", lambda t: bench._run(
+            [sys.executable, llama_cpp_dir() / "convert_hf_to_gguf.py", hf, "--outtype", "f16", "--outfile", t]))
+
+    def imatrix() -> Path:
+        return bench._once(a.out / "imatrix.gguf", lambda t: bench._run(
+            [tool("llama-imatrix"), "-m", f16(), "-f", default_calibration_text(), "--chunks", "64", "-c", "512",
+             "-t", a.threads, "-o", t]))
+
+    measure("reference", f16)
+    for qt in LLAMA_TYPES:
+        measure(qt, lambda qt=qt: bench._once(a.out / f"{qt}.gguf", lambda t: bench._run(
+            [tool("llama-quantize"), "--imatrix", imatrix(), f16(), t, qt, a.threads])))
+    for name, file, args in row_specs(a, pairs(a.learned), pairs(a.ablations)):
+        args = [str(by[v[1:]]["bytes"]) if str(v).startswith("=") else str(v) for v in args]
+        if "--target-size" in args:  # the sensitivity scores are measured once and searched for each budget
+            scores = a.out / "plan-scores.json"
+            args += ["--plan", str(scores)] if scores.exists() else ["--save-plan", str(scores)]
+
+        def convert(t, args=args):
+            cmd = [str(hf), "--outfile", str(t), *args, "--threads", str(a.threads)]
+            if convert_main(cmd):
+                raise SystemExit(f"error: jlcm-convert {' '.join(cmd)} failed")
+        measure(name, lambda file=file, convert=convert: bench._once(a.out / file, convert))
 
     by = {r["name"]: r for r in rows}
     ref = by["reference"]
@@ -167,8 +221,8 @@ def main() -> int:
         "|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        types = ", ".join(f"{k} ×{v}" for k, v in r["matrix_types"].items())
-        lines.append(f"| {r['name']} | {r['bytes']:,} | {r['bpw']:.2f} | {r['bpw_matrices']:.2f} | "
+        types = r.get("matrix_types_text") or ", ".join(f"{k} ×{v}" for k, v in r["matrix_types"].items())
+        lines.append(f"| {r['name']}{' †' if r.get('reused') else ''} | {r['bytes']:,} | {r['bpw']:.2f} | {r['bpw_matrices']:.2f} | "
                      f"{r['ppl']:.3f} ± {r['ppl_err']:.3f} | {types} |")
     lines += ["", "## Targets (issue #4), from the figures above", ""]
     for t in FRONT_TYPES:
@@ -211,8 +265,34 @@ def main() -> int:
                          f"{'yes' if best == names[1] else f'no, the best row is {best}'}. (Both learned rows keep "
                          "a block's learned result only where it lowered that block's reconstruction loss on the "
                          "calibration windows.)")
-    lines += ["", "Not in this run (issue #4 asks for them): a mixed-precision row (issue #6) and "
-              "Qwen2.5-Coder-1.5B.", ""]
+    mixed = [r for r in rows if r["name"].startswith("jlcm-mixed@")]
+    if mixed:
+        lines += ["", "## Mixed precision (issue #6): a per-tensor plan at another row's size", "",
+                  "`jlcm-convert --target-size BYTES` with BYTES the other row's file size: every weight matrix "
+                  "gets JLCM 2/3/4-bit, Q5_0 or Q8_0 by the greedy search of docs/CONVERTER.md (k-means "
+                  "codebooks, no learning).", "",
+                  "| row | budget (bytes) | bytes | perplexity | row at that size | its perplexity | lower? |",
+                  "|---|---:|---:|---:|---|---:|---|"]
+        for r in mixed:
+            ref = by[r["name"].split("@", 1)[1]]
+            lines.append(f"| {r['name']} | {ref['bytes']:,} | {r['bytes']:,} | {r['ppl']:.3f} ± {r['ppl_err']:.3f} | "
+                         f"{ref['name']} | {ref['ppl']:.3f} | {'yes' if r['ppl'] < ref['ppl'] else '**no**'} |")
+    rotated = [r for r in rows if r["name"].endswith("bit-rotated")]
+    if rotated:
+        lines += ["", "## Rotation (--rotate)", "",
+                  "The same conversion with a randomized Hadamard rotation of the residual stream folded into the "
+                  "weights (docs/CONVERTER.md; SmolLM2's tied head is untied, which the bytes include).", "",
+                  "| bits | without: bytes | perplexity | with --rotate: bytes | perplexity |", "|---:|---:|---:|---:|---:|"]
+        for r in rotated:
+            b = r["name"].split("-")[1]
+            plain = by.get(f"jlcm-{b}")
+            lines.append(f"| {b[:-3]} | {plain['bytes']:,} | {plain['ppl']:.3f} | {r['bytes']:,} | {r['ppl']:.3f} |"
+                         if plain else f"| {b[:-3]} | | | {r['bytes']:,} | {r['ppl']:.3f} |")
+    if any(r.get("reused") for r in rows):
+        lines += ["", f"† taken from the earlier report `{a.reuse}` (`--reuse`): measured by this script with the "
+                  "same text, context and chunk count, but by an earlier version of the converter for JLCM rows."]
+    lines += ["", "Not in this run (issue #4 asks for it): Qwen2.5-Coder-1.5B." if mixed else
+              "Not in this run (issue #4 asks for them): a mixed-precision row (issue #6) and Qwen2.5-Coder-1.5B.", ""]
     report = "\n".join(lines)
     print("\n" + report)
     if a.doc:

@@ -13,8 +13,8 @@ error of a sample of rows, no measurement; for models too large to run once per 
 Search: each tensor's (bytes, score) options are reduced to their lower convex hull (fewer bytes always
 cost score, and each further step down costs more score per byte than the one before), so all moves of all
 tensors sort into one sequence by score per byte saved. The greedy search starts every tensor at its
-largest option and takes moves in that order until the file fits. A budget's plan is a prefix of the one
-sequence: a larger budget stops earlier on the same path and never has a worse score.
+best option and takes moves in that order until the file fits, then gives the slack the last move left
+back to the tensors it took from last (walk). A larger budget never has a worse score.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ log = logging.getLogger("jlcm-convert")
 CHOICES = ("jlcm2", "jlcm3", "jlcm4", "q5_0", "q8_0")
 WIDTHS = (2, 3, 4)
 STANDARD = {"q5_0": ("Q5_0", 22), "q8_0": ("Q8_0", 34)}  # gguf type name, bytes per 32 weights
+GRID = 256       # evenly spaced budgets the search also fills for (see walk)
 FAST_ROWS = 1024  # --fast scores a sample of this many rows per matrix
 ALIGNMENT = 32  # gguf-py pads every tensor's data to this
 PLAN_FORMAT = "jlcm-plan"
@@ -109,27 +110,53 @@ def moves(options: dict[str, list[Option]]) -> tuple[dict[str, list[Option]], li
     return fronts, seq
 
 
-def walk(options: dict[str, list[Option]], budget: int) -> tuple[dict[str, str], int, int]:
-    """The greedy search: (choice per tensor, their bytes, bytes saved by the last move taken; 0 if none)."""
-    fronts, seq = moves(options)
+def _fill(fronts: dict, seq: list, k: int, budget: int) -> tuple[dict[str, int], int]:
+    """The first k moves, then taken moves undone from the last backwards (a tensor's latest move first)
+    wherever they still fit: the bytes a large last move freed go back to the most sensitive tensors."""
     choice = {n: 0 for n in fronts}
     total = sum(f[0].bytes for f in fronts.values())
-    last = 0
-    for _, n, i in seq:
-        if total <= budget:
-            break
-        f = fronts[n]
-        last = f[i - 1].bytes - f[i].bytes
-        total -= last
+    for _, n, i in seq[:k]:
+        total -= fronts[n][i - 1].bytes - fronts[n][i].bytes
         choice[n] = i
-    if total > budget:
+    for _, n, i in reversed(seq[:k]):
+        cost = fronts[n][i - 1].bytes - fronts[n][i].bytes
+        if choice[n] == i and total + cost <= budget:
+            choice[n] = i - 1
+            total += cost
+    return choice, total
+
+
+def walk(options: dict[str, list[Option]], budget: int) -> tuple[dict[str, str], int]:
+    """The search: (choice per tensor, their bytes).
+
+    The greedy takes moves in sequence until the tensors fit (a prefix of the sequence), then fills the
+    slack the last move left (_fill). Fill results depend on the budget in ways that need not be monotone,
+    so the plan is the best-scoring fill among a fixed set of budgets: every prefix's size and GRID evenly
+    spaced sizes, those no larger than the budget. The set only grows with the budget, so a larger budget
+    never scores worse, and the plain prefix is among the candidates, so the fill never makes it worse."""
+    fronts, seq = moves(options)
+    cum = [sum(f[0].bytes for f in fronts.values())]
+    for _, n, i in seq:
+        cum.append(cum[-1] - (fronts[n][i - 1].bytes - fronts[n][i].bytes))
+    if budget < cum[-1]:
         raise PlanError(f"the budget leaves {budget:,} bytes for the planned tensors; at their smallest they "
-                        f"take {total:,}")
-    return {n: fronts[n][i].kind for n, i in choice.items()}, total, last
+                        f"take {cum[-1]:,}")
+    points = sorted({int(v) for v in np.linspace(cum[-1], cum[0], GRID)} | set(cum))
+    best = None
+    for g in points:
+        if g > budget:
+            break
+        k = next(j for j, c in enumerate(cum) if c <= g)
+        choice, total = _fill(fronts, seq, k, g)
+        score = sum(fronts[n][i].score for n, i in choice.items())
+        if best is None or score < best[0]:
+            best = (score, choice, total)
+    _, choice, total = best
+    return {n: fronts[n][i].kind for n, i in choice.items()}, total
 
 
 def search(options: dict[str, list[Option]], budget: int) -> dict[str, str]:
-    """Entry point of the search: a choice per tensor with sum of bytes <= budget (see the module text)."""
+    """Entry point of the search: a choice per tensor with sum of bytes <= budget (see walk)."""
     return walk(options, budget)[0]
 
 

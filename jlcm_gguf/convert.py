@@ -276,8 +276,8 @@ def layer_bits(widths: dict, tensors: dict, default: int) -> int:
 
 
 def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: np.ndarray, opt: Options) -> dict[str, str]:
-    """How each weight matrix is stored (a plan.CHOICES entry, or None for the standard rule): JLCM at
-    --bits for the layers and --embd-type for the embeddings, or a plan (--plan, or a search under
+    """How each weight matrix is stored (a plan.CHOICES entry; matrices not named keep the standard rule of
+    write.standard_type): JLCM at --bits for the layers and --embd-type for the embeddings, or a plan (--plan, or a search under
     --target-size / --target-bpw; plan.py) whose file size is computed exactly before any weight is
     quantized."""
     from . import plan as P
@@ -317,11 +317,12 @@ def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: 
             if smallest > target:
                 raise P.PlanError(f"the target of {target:,} bytes is too small: with every weight matrix at "
                                   f"JLCM {P.WIDTHS[0]}-bit the file takes {smallest:,}")
-            layout = {n: companion_layout(n, tensors[n].shape[0], hp, opt.groups, candidates) for n in candidates}
             if saved:  # a plan file with scores and a new budget: search again, no scoring
                 options = saved
                 log.info("plan: searching the scores saved in %s for the new budget", opt.plan)
             else:
+                layout = {n: companion_layout(n, tensors[n].shape[0], hp, opt.groups, candidates)
+                          for n in candidates}
                 options = P.score_options(tensors, hp, tokens, layout, opt.groups, opt.variant, opt.seed,
                                           fast=opt.fast)
             first = {n: options[n][-1].kind for n in candidates}
@@ -453,8 +454,8 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         for name in (f"blk.{bid}.{n}.weight" for n in M.LINEARS):
             kind = opt.widths.get(name) if opt.widths else None
             if kind and not kind.startswith("jlcm"):  # a llama.cpp type from the plan: its error propagates too
-                from .plan import quick_error
-                logical[name] = quick_error(np.asarray(tensors[name], dtype=np.float32), None, kind, 1, "", 0)[1]
+                from .plan import standard_roundtrip
+                logical[name] = standard_roundtrip(tensors[name], kind)
         qt = dict(tensors)
         qt.update(logical)
         with torch.inference_mode():

@@ -170,16 +170,21 @@ def plan_bytes(options: dict[str, list[Option]], bits: dict[str, str]) -> int:
 
 # --- scoring ---------------------------------------------------------------------------------------------
 
+def standard_roundtrip(w: np.ndarray, kind: str) -> np.ndarray:
+    """w quantized to Q5_0 / Q8_0 and back by gguf-py's reference code (what llama.cpp computes with)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+    qt = GGMLQuantizationType[STANDARD[kind][0]]
+    return dequantize(quantize(np.asarray(w, dtype=np.float32), qt), qt).reshape(w.shape)
+
+
 def quick_error(w: np.ndarray, h: np.ndarray | None, kind: str, groups: int, variant: str, seed: int,
                 grouping=None) -> tuple[float, np.ndarray]:
     """(h-weighted squared error, dequantized weights in original row order) of w stored as `kind`: for
     JLCM by grouping and one k-means pass, for Q5_0/Q8_0 by gguf-py's reference quantizer."""
     hw = np.ones(w.shape[1]) if h is None else np.asarray(h, dtype=np.float64)
     if kind in STANDARD:
-        from gguf import GGMLQuantizationType
-        from gguf.quants import dequantize, quantize
-        qt = GGMLQuantizationType[STANDARD[kind][0]]
-        q = dequantize(quantize(w, qt), qt).reshape(w.shape)
+        q = standard_roundtrip(w, kind)
     else:
         from .group import group_rows, row_profiles
         from .init import init_codebooks

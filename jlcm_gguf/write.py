@@ -167,13 +167,15 @@ def _add_metadata(instance, kinds: dict, opt) -> None:
     written for every file, so the header's size does not depend on which types a plan picks."""
     from gguf import GGUFValueType
 
-    from .format import (FORMAT_VERSION, KEY_BITS, KEY_FORMAT_VERSION, KEY_GROUPS, KEY_PLAN_TARGET, KEY_PLAN_TYPES,
-                         KEY_PLAN_TENSORS, KEY_ROTATION, KEY_VARIANT)
+    from .format import (FORMAT_VERSION, FTYPE_IDS, KEY_BITS, KEY_FORMAT_VERSION, KEY_GROUPS, KEY_PLAN_TARGET,
+                         KEY_PLAN_TENSORS, KEY_PLAN_TYPES, KEY_ROTATION, KEY_VARIANT)
 
     writer = instance.gguf_writer
     instance.prepare_metadata(vocab_only=False)
     writer.add_uint32(KEY_FORMAT_VERSION, FORMAT_VERSION)
-    writer.add_uint32(KEY_BITS, _layer_bits(kinds, opt.bits))
+    # the converter sets the file type to the JLCM width most layer matrices have (convert.layer_bits)
+    bits_of_ftype = {v: k for k, v in FTYPE_IDS.items()}
+    writer.add_uint32(KEY_BITS, bits_of_ftype.get(int(instance.ftype), opt.bits))
     writer.add_uint32(KEY_GROUPS, opt.groups)
     writer.add_string(KEY_VARIANT, opt.variant)
     if getattr(opt, "rotate", False):
@@ -185,15 +187,6 @@ def _add_metadata(instance, kinds: dict, opt) -> None:
         writer.add_key_value(KEY_PLAN_TYPES, [type_id(kinds[n]) for n in names], GGUFValueType.ARRAY,
                              sub_type=GGUFValueType.UINT8)
         writer.add_uint64(KEY_PLAN_TARGET, int(getattr(opt, "target_bytes", 0) or 0))
-
-
-def _layer_bits(kinds: dict | None, default: int) -> int:
-    """The JLCM width most layer matrices have (a mixed file's jlcm.bits)."""
-    count: dict[int, int] = {}
-    for name, kind in (kinds or {}).items():
-        if name.startswith("blk.") and kind.startswith("jlcm"):
-            count[int(kind[4:])] = count.get(int(kind[4:]), 0) + 1
-    return max(count, key=lambda b: (count[b], b)) if count else default
 
 
 def file_bytes(writer) -> int:

@@ -206,3 +206,16 @@ def test_plan_for_another_model_one_clear_error(smollm2, tmp_path):
     res = run(CONVERTER + [smollm2, "--outfile", tmp_path / "out.gguf", "--plan", bad] + SMALL)
     assert res.returncode != 0
     assert "does not fit this model" in error_line(res)
+
+
+@pytest.mark.parametrize("drop", [(), ("ffn_gate",), ("attn_v", "ffn_up")])
+def test_companion_layout_matches_fold(smollm2_float, drop):
+    """The planner's byte count relies on knowing each matrix's groups and permutation before grouping."""
+    from jlcm_gguf.fold import companion_layout, fold_layer
+    from jlcm_gguf.model import LINEARS
+    tensors, _, hp = smollm2_float
+    quantized = {f"blk.0.{n}.weight" for n in LINEARS if n not in drop}
+    for groups in (16, 5, 1):
+        res = fold_layer(tensors, {}, 0, hp, groups, 0, quantized)
+        for name, ro in res.orders.items():
+            assert companion_layout(name, tensors[name].shape[0], hp, groups, quantized) == (len(ro.bounds), ro.stored)

@@ -326,16 +326,13 @@ def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: 
                 options = P.score_options(tensors, hp, tokens, layout, opt.groups, opt.variant, opt.seed,
                                           fast=opt.fast)
             first = {n: options[n][-1].kind for n in candidates}
-            fixed = size_of(first) - P.plan_bytes(options, first)
+            fixed = base_fixed = size_of(first) - P.plan_bytes(options, first)
             kinds = P.search(options, target - fixed)
-            # the options assume every matrix is JLCM (gate/up and v fold their row order into neighbours);
-            # where a plan stores one of a folding pair in a llama.cpp type, or gguf-py's size label changes,
-            # the file differs a little: tighten the budget by the excess and search again
-            for _ in range(4):
-                over = size_of(kinds) - target
-                if over <= 0:
-                    break
-                fixed += over
+            # the options assume gate and up are both JLCM (then they fold their row order into down, else
+            # each stores a permutation), and gguf-py's size label can change with the plan: where the file
+            # comes out larger, search again with a margin that at least doubles until it fits
+            while (over := size_of(kinds) - target) > 0:
+                fixed += max(over, fixed - base_fixed)
                 kinds = P.search(options, target - fixed)
     except P.PlanError as e:
         raise ConvertError(str(e))

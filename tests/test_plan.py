@@ -188,7 +188,7 @@ def test_mixed_file_runs_in_llama_cpp(mixed, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--target-size", "1MB"], "too small: with every JLCM tensor at its lowest width"),
+    (["--target-size", "1MB"], "is too small: with every weight matrix at JLCM 2-bit"),
     (["--target-size", "2XB"], "cannot read the size"),
     (["--target-size", "80MB", "--target-bpw", "3"], "alternatives"),
 ])

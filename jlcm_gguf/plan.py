@@ -308,7 +308,7 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
-def load_plan(path: Path) -> dict[str, int]:
+def load_plan(path: Path) -> dict[str, str]:
     """A plan from a JSON file written by save_plan, or from the metadata of a JLCM GGUF file."""
     path = Path(path)
     try:

@@ -48,6 +48,9 @@ def row_specs(a, learned, ablations) -> list[tuple[str, str, list]]:
                  (f"jlcm-{b}bit-scales", f"jlcm{b}-scales.gguf", ["--bits", b, "--variant", "scales"])]
     for ref in a.mixed:  # issue #6: a per-tensor plan at another row's size
         rows.append((f"jlcm-mixed@{ref}", f"jlcm-mixed-{ref}.gguf", ["--target-size", f"={ref}"]))
+    for ref, s in a.mixed_learned:  # the same plan with joint learning on its JLCM matrices
+        rows.append((f"jlcm-mixed@{ref}-learn{s}", f"jlcm-mixed-{ref}-learn{s}.gguf",
+                     ["--target-size", f"={ref}", "--learn-steps", s]))
     rows += [(f"jlcm-{b}bit-rotated", f"jlcm{b}-rot.gguf", ["--bits", b, "--rotate"]) for b in a.rotated]
     seen, out = set(), []
     for r in rows:
@@ -143,6 +146,8 @@ def main() -> int:
     ap.add_argument("--rotated", default="", help="JLCM bit widths to convert with --rotate as well")
     ap.add_argument("--mixed", default="", help="ROW[,...]: a mixed-precision file (--target-size) at the size of "
                     "that row, e.g. jlcm-2bit,IQ2_XXS,Q2_K")
+    ap.add_argument("--mixed-learned", default="", help="ROW:STEPS[,...]: a mixed-precision file at that row's "
+                    "size with STEPS of joint learning, e.g. Q2_K:40")
     ap.add_argument("--reuse", type=Path, help="an earlier report of this script: its rows are taken from there "
                     "(marked †) instead of measured again; rows it lacks are measured")
     ap.add_argument("--fresh", default="", help="ROW[,...]: measure these even if --reuse has them")
@@ -156,6 +161,7 @@ def main() -> int:
     a.rotated = [int(b) for b in a.rotated.split(",") if b]
     a.mixed = [r for r in a.mixed.split(",") if r]
     a.fresh = [r for r in a.fresh.split(",") if r]
+    a.mixed_learned = [(r.split(":")[0], int(r.split(":")[1])) for r in a.mixed_learned.split(",") if r]
     def pairs(arg: str) -> list[tuple[int, int]]:
         return [tuple(int(v) for v in item.split(":")) for item in arg.split(",") if item]
 
@@ -265,16 +271,18 @@ def main() -> int:
                          f"{'yes' if best == names[1] else f'no, the best row is {best}'}. (Both learned rows keep "
                          "a block's learned result only where it lowered that block's reconstruction loss on the "
                          "calibration windows.)")
-    mixed = [r for r in rows if r["name"].startswith("jlcm-mixed@")]
+    mixed_ref = {f"jlcm-mixed@{ref}": ref for ref in a.mixed}
+    mixed_ref.update({f"jlcm-mixed@{ref}-learn{s}": ref for ref, s in a.mixed_learned})
+    mixed = [r for r in rows if r["name"] in mixed_ref]
     if mixed:
         lines += ["", "## Mixed precision (issue #6): a per-tensor plan at another row's size", "",
                   "`jlcm-convert --target-size BYTES` with BYTES the other row's file size: every weight matrix "
                   "gets JLCM 2/3/4-bit, Q5_0 or Q8_0 by the greedy search of docs/CONVERTER.md (k-means "
-                  "codebooks, no learning).", "",
+                  "codebooks; rows ending in `-learnS` add `--learn-steps S`).", "",
                   "| row | budget (bytes) | bytes | perplexity | row at that size | its perplexity | lower? |",
                   "|---|---:|---:|---:|---|---:|---|"]
         for r in mixed:
-            ref = by[r["name"].split("@", 1)[1]]
+            ref = by[mixed_ref[r["name"]]]
             lines.append(f"| {r['name']} | {ref['bytes']:,} | {r['bytes']:,} | {r['ppl']:.3f} ± {r['ppl_err']:.3f} | "
                          f"{ref['name']} | {ref['ppl']:.3f} | {'yes' if r['ppl'] < ref['ppl'] else '**no**'} |")
     rotated = [r for r in rows if r["name"].endswith("bit-rotated")]

@@ -39,11 +39,13 @@ def step(msg: str) -> None:
     print(f"== {msg}", flush=True)
 
 
-def peak_rss_run(cmd: list) -> tuple[subprocess.CompletedProcess, int]:
-    """Runs cmd and returns its peak resident set size in bytes (the rusage os.wait4 reports for it)."""
+def peak_rss_run(cmd: list, log: Path | None = None) -> tuple[subprocess.CompletedProcess, int]:
+    """Runs cmd and returns its peak resident set size in bytes (the rusage os.wait4 reports for it). With
+    `log`, stdout and stderr go there as they come (progress can be followed) and come back as stdout."""
     import tempfile
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, stdin=subprocess.DEVNULL, text=True)
+    with (open(log, "w+") if log else tempfile.TemporaryFile("w+")) as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=out if log else err,
+                             stdin=subprocess.DEVNULL, text=True)
         _, status, usage = os.wait4(p.pid, 0)
         p.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -81,15 +83,19 @@ def main(argv=None) -> int:
         make_synthetic_llama.main([str(hf), "--config", a.config])
 
     step(f"jlcm-convert --target-size {a.target_size} --fast")
-    timing = a.out / "convert_seconds.txt"  # kept with the file, for a rerun that reuses it
+    timing = a.out / "convert.json"  # time and memory, kept with the file for a rerun that reuses it
 
     def convert(t):
         tc = time.time()
-        run([sys.executable, ROOT / "convert_hf_to_jlcm_gguf.py", hf, "--outfile", t, "--target-size", target,
-             "--fast", "--nsamples", 8, "--seqlen", 128, "--threads", a.threads, "--save-plan", a.out / "plan.json"])
-        timing.write_text(f"{time.time() - tc:.1f}\n")
+        res, peak = peak_rss_run([sys.executable, ROOT / "convert_hf_to_jlcm_gguf.py", hf, "--outfile", t,
+                                  "--target-size", target, "--fast", "--nsamples", 8, "--seqlen", 128,
+                                  "--threads", a.threads, "--save-plan", a.out / "plan.json"], log=a.out / "convert.log")
+        if res.returncode:
+            raise SystemExit(f"error: jlcm-convert failed ({a.out / 'convert.log'}):\n{res.stdout[-3000:]}")
+        timing.write_text(json.dumps({"seconds": round(time.time() - tc, 1), "peak_rss": peak}) + "\n")
     jlcm = once(a.out / "jlcm.gguf", convert)
-    convert_s = float(timing.read_text()) if timing.exists() else float("nan")
+    conv = json.loads(timing.read_text()) if timing.exists() else {}
+    convert_s, convert_rss = conv.get("seconds", float("nan")), conv.get("peak_rss", 0)
 
     step("F16 GGUF, imatrix, IQ2_XXS with llama.cpp's own tools")
     f16 = once(a.out / "f16.gguf", lambda t: run([sys.executable, llama_cpp_dir() / "convert_hf_to_gguf.py", hf,
@@ -120,7 +126,7 @@ def main(argv=None) -> int:
     mix = {k: sum(1 for v in kinds.values() if v == k) for k in sorted(set(kinds.values()))}
     result = {"config": a.config, "bytes": size, "target": target, "fits": size <= target, "loads_and_generates": generated,
               "peak_rss": rss, "rss_target": rss_target, "peak_rss_iq2_xxs": rss_iq2, "iq2_xxs_bytes": size_iq2,
-              "speed": med, "convert_seconds": convert_s, "plan_mix": mix}
+              "speed": med, "convert_seconds": convert_s, "convert_peak_rss": convert_rss, "plan_mix": mix}
     (a.out / "result.json").write_text(json.dumps(result, indent=1))
     lines = [
         f"# {'Llama-2-7B' if a.config == 'llama2-7b' else a.config}-shaped model under {a.target_size}",
@@ -137,6 +143,8 @@ def main(argv=None) -> int:
         f"| peak resident memory, ctx {a.ctx} | {rss / 1e9:.2f} GB | ≤ {rss_target / 1e9:.1f} GB: "
         f"{'met' if rss <= rss_target else '**missed**'} |",
         f"| conversion time (`--fast`, {a.threads} threads) | {convert_s:.0f} s | |",
+        f"| conversion peak resident memory | {convert_rss / 1e9:.1f} GB | within the machine's "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB |",
         "",
         f"Speed, `llama-bench -t {a.threads} -p {a.pp} -n {a.tg}`, median of {a.reps} interleaved rounds (tokens/s):",
         "",

@@ -80,5 +80,6 @@ def test_prove_7b_script_on_the_tiny_config(tmp_path):
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["fits"] and result["loads_and_generates"] and result["bytes"] <= 7_000_000
     assert result["speed"]["jlcm"]["tg"] > 0 and result["speed"]["iq2"]["pp"] > 0 and result["peak_rss"] > 10**7
+    assert result["convert_seconds"] > 0 and result["convert_peak_rss"] > 10**8  # the converter's own, from wait4
     text = doc.read_text()
     assert "| file bytes | " in text and "met" in text and "ratio JLCM / IQ2_XXS" in text

@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Where --rotate helps or hurts, matrix by matrix (issue #6): SmolLM2's weight matrices with and without the
+rotation, each quantized alone, compared by the relative output error on calibration activations.
+
+    .venv/bin/python scripts/rotation_errors.py [--layers 3,15,25] [--windows 4] [--seqlen 256]
+
+For each matrix W with input second moments h (from a float pass on the calibration text, in that basis),
+prints sum_j h_j ||W_:j - Q(W)_:j||^2 / sum_j h_j ||W_:j||^2 for JLCM 2 and 3 bits (grouping + one k-means
+pass, as the planner scores them) and Q5_0, and h's peak-to-mean ratio (how concentrated the input
+energy is: the rotation flattens it for the matrices reading the residual stream).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+KINDS = ("jlcm2", "jlcm3", "q5_0")
+MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def input_moments(tensors: dict, hp, tokens) -> dict:
+    import torch
+
+    from jlcm_gguf import model as M
+    sums: dict = {}
+    with torch.inference_mode():
+        for seq in tokens:
+            x = M.embed(seq, tensors)
+            for bid in range(hp.n_layer):
+                def observe(name, inp):
+                    v = inp.double().pow(2).sum(0)
+                    sums[name] = sums[name] + v if name in sums else v
+                x = M.block_forward(x, tensors, bid, hp, observe)
+    count = sum(len(s) for s in tokens)
+    return {k: (v / count).numpy() for k, v in sums.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", default="3,15,25")
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+
+    import gguf
+    from transformers import AutoTokenizer
+
+    from jlcm_gguf.calib import calibration_tokens, default_calibration_text
+    from jlcm_gguf.convert import float_tensors, hparams_of, import_conversion
+    from jlcm_gguf.models import smollm2_hf_dir
+    from jlcm_gguf.plan import quick_error
+    from jlcm_gguf.rotate import rotate
+
+    hf = smollm2_hf_dir()
+    conversion = import_conversion()
+    config = json.loads((hf / "config.json").read_text())
+    cls = conversion.get_model_class(conversion.get_model_architecture(config, conversion.ModelType.TEXT))
+    plain, order = float_tensors(cls(hf, gguf.LlamaFileType.ALL_F32, Path("/dev/null"), eager=True))
+    hp = hparams_of(config)
+    rotated, _ = rotate(plain, order, hp, a.seed)
+    tokens = calibration_tokens(default_calibration_text(), AutoTokenizer.from_pretrained(str(hf)), a.windows,
+                                a.seqlen, a.seed)
+    layers = [int(v) for v in a.layers.split(",")]
+    print(f"relative h-weighted output error of each matrix quantized alone (SmolLM2, layers {a.layers}, "
+          f"{a.windows}x{a.seqlen} calibration tokens)")
+    print(f"{'matrix':<24} {'basis':<8} {'h peak/mean':>11} " + " ".join(f"{k:>8}" for k in KINDS))
+    mean = {b: np.zeros(len(KINDS)) for b in ("plain", "rotated")}
+    for basis, t in (("plain", plain), ("rotated", rotated)):
+        h = input_moments(t, hp, tokens)
+        for bid in layers:
+            for m in MATRICES:
+                name = f"blk.{bid}.{m}.weight"
+                hh, w = h[name.removesuffix(".weight")], np.asarray(t[name], dtype=np.float32)
+                base = float(((w.astype(np.float64) ** 2).sum(0) * hh).sum())
+                rel = [quick_error(w, hh, k, 16, "codebooks", a.seed)[0] / base for k in KINDS]
+                mean[basis] += np.log(rel)
+                print(f"{name:<24} {basis:<8} {hh.max() / hh.mean():11.1f} " + " ".join(f"{r:8.4f}" for r in rel),
+                      flush=True)
+    n = len(layers) * len(MATRICES)
+    for basis, v in mean.items():
+        print(f"{'geometric mean':<24} {basis:<8} {'':>11} " + " ".join(f"{r:8.4f}" for r in np.exp(v / n)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

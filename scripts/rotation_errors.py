@@ -8,6 +8,10 @@ For each matrix W with input second moments h (from a float pass on the calibrat
 prints sum_j h_j ||W_:j - Q(W)_:j||^2 / sum_j h_j ||W_:j||^2 for JLCM 2 and 3 bits (grouping + one k-means
 pass, as the planner scores them) and Q5_0, and h's peak-to-mean ratio (how concentrated the input
 energy is: the rotation flattens it for the matrices reading the residual stream).
+
+`--q8-check DIR` also converts the model with every weight matrix in Q8_0 (a `--plan`), once with and once
+without `--rotate`, and prints llama-perplexity of both on WikiText-2 (ctx 512, `--chunks`): the check that
+the folded rotation is exact in llama.cpp, not only in the Python model (tests/test_rotate.py).
 """
 from __future__ import annotations
 
@@ -48,6 +52,9 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--q8-check", type=Path, metavar="DIR", help="also compare Q8_0 files with and without "
+                    "--rotate in llama.cpp (written to DIR)")
+    ap.add_argument("--chunks", type=int, default=8, help="llama-perplexity chunks for --q8-check")
     a = ap.parse_args(argv)
 
     import gguf
@@ -87,7 +94,29 @@ def main(argv=None) -> int:
     n = len(layers) * len(MATRICES)
     for basis, v in mean.items():
         print(f"{'geometric mean':<24} {basis:<8} {'':>11} " + " ".join(f"{r:8.4f}" for r in np.exp(v / n)))
+    if a.q8_check:
+        q8_check(a.q8_check, hf, [n for n in order if n.endswith(".weight") and np.ndim(plain[n]) == 2],
+                 a.chunks)
     return 0
+
+
+def q8_check(out: Path, hf: Path, matrices: list[str], chunks: int) -> None:
+    from jlcm_gguf.cli import main as convert_main
+    from jlcm_gguf.evaluate import perplexity, wikitext_test
+    from jlcm_gguf.plan import PLAN_FORMAT
+
+    out.mkdir(parents=True, exist_ok=True)
+    for rotated in (False, True):
+        names = matrices + (["output.weight"] if rotated and "output.weight" not in matrices else [])
+        plan = out / f"q8-rotate{int(rotated)}.json"
+        plan.write_text(json.dumps({"format": PLAN_FORMAT, "version": 1, "tensors": {n: "q8_0" for n in names}}))
+        gguf_file = out / f"q8-rotate{int(rotated)}.gguf"
+        if not gguf_file.exists() and convert_main([str(hf), "--outfile", str(gguf_file), "--plan", str(plan)]
+                                                   + (["--rotate"] if rotated else [])):
+            raise SystemExit("error: the Q8_0 conversion failed")
+        ppl, err = perplexity(gguf_file, wikitext_test(out), chunks)
+        print(f"every matrix Q8_0, {'with' if rotated else 'without'} --rotate: WikiText-2 perplexity "
+              f"{ppl:.3f} ± {err:.3f} ({chunks} chunks of 512)", flush=True)
 
 
 if __name__ == "__main__":

@@ -76,10 +76,13 @@ def test_prove_7b_script_on_the_tiny_config(tmp_path):
     import prove_7b
     doc = tmp_path / "7b.md"
     assert prove_7b.main(["--config", "tiny", "--out", str(tmp_path / "run"), "--target-size", "7MB",
-                          "--rss-target", "1GB", "--doc", str(doc), "--reps", "1", "--imatrix-chunks", "1"]) == 0
+                          "--rss-target", "1GB", "--cache-types", "f16,q8_0", "--doc", str(doc), "--reps", "1",
+                          "--imatrix-chunks", "1"]) == 0
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["fits"] and result["loads_and_generates"] and result["bytes"] <= 7_000_000
-    assert result["speed"]["jlcm"]["tg"] > 0 and result["speed"]["iq2"]["pp"] > 0 and result["peak_rss"] > 10**7
+    assert result["speed"]["jlcm"]["tg"] > 0 and result["speed"]["iq2"]["pp"] > 0
+    assert set(result["peak_rss"]) == {"f16", "q8_0"} and min(result["peak_rss"].values()) > 10**7
     assert result["convert_seconds"] > 0 and result["convert_peak_rss"] > 10**8  # the converter's own, from wait4
     text = doc.read_text()
     assert "| file bytes | " in text and "met" in text and "ratio JLCM / IQ2_XXS" in text
+    assert "KV cache q8_0 |" in text and "target is met with the KV cache in f16, q8_0." in text

@@ -381,18 +381,13 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         x_f = list(x_q)
     bar = tqdm(range(start, hp.n_layer), total=hp.n_layer, initial=start, desc="JLCM layers", unit="layer")
     for bid in bar:
-        sums: dict[str, torch.Tensor] = {}
-
-        def observe(name, x):
-            s = x.double().pow(2).sum(0)
-            sums[name] = sums[name] + s if name in sums else s
-
+        moments = M.InputMoments()
         with torch.inference_mode():
             for x in x_q:
-                M.block_forward(x, tensors, bid, hp, observe)
+                M.block_forward(x, tensors, bid, hp, moments)
             y_f = [M.block_forward(x, tensors, bid, hp) for x in x_f] if opt.learn_steps else None
         count = sum(len(x) for x in x_q)
-        hessians.update({k: (v / count).numpy() for k, v in sums.items()})
+        hessians.update(moments.means(count))
 
         res = fold_layer(tensors, hessians, bid, hp, opt.groups, opt.seed + bid, quantized)
         # what a resumed run needs besides the packed weights: unquantized tensors the folds changed
@@ -460,9 +455,9 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         x_f = y_f if y_f is not None else x_q
         if ckpt is not None:
             ckpt.save(bid, {n: jlcm[n] for n in specs}, folded, x_q, y_f)
+    moments = M.InputMoments()
     with torch.inference_mode():
         for x in x_q:
-            s = M.rms_norm(x, M.t(tensors["output_norm.weight"]), hp.rms_eps).double().pow(2).sum(0)
-            hessians["output"] = hessians["output"] + s if "output" in hessians else s
-    hessians["output"] = (hessians["output"] / sum(len(x) for x in x_q)).numpy()
+            moments("output", M.rms_norm(x, M.t(tensors["output_norm.weight"]), hp.rms_eps))
+    hessians.update(moments.means(sum(len(x) for x in x_q)))
     return jlcm, hessians

@@ -62,6 +62,21 @@ def linear(x: torch.Tensor, tensors: dict, name: str) -> torch.Tensor:
     return y if bias is None else y + t(bias)
 
 
+class InputMoments:
+    """block_forward's `observe` hook that sums each linear's squared inputs (float64); their means are the
+    diagonal of that layer's input Hessian, the h that weights quantization errors."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        s = x.double().pow(2).sum(0)
+        self.sums[name] = self.sums[name] + s if name in self.sums else s
+
+    def means(self, count: int) -> dict[str, np.ndarray]:
+        return {k: (v / count).numpy() for k, v in self.sums.items()}
+
+
 def block_forward(x: torch.Tensor, tensors: dict, bid: int, hp: Hparams, observe=None) -> torch.Tensor:
     """One transformer block on x [seq, n_embd]. observe(name, input) sees each linear's input."""
     p = f"blk.{bid}."

@@ -211,7 +211,7 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
 
     from . import model as M
 
-    sums: dict[str, torch.Tensor] = {}
+    moments = M.InputMoments()
     count = 0
     inputs: list[list[torch.Tensor]] = []  # float input of each block, for the KL windows
     kl_tokens = tokens[:kl_windows]
@@ -221,19 +221,15 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
             keep = not fast and s < len(kl_tokens)
             xs = [x] if keep else None
             for bid in range(hp.n_layer):
-                def observe(name, inp):
-                    v = inp.double().pow(2).sum(0)
-                    sums[name] = sums[name] + v if name in sums else v
-                x = M.block_forward(x, tensors, bid, hp, observe)
+                x = M.block_forward(x, tensors, bid, hp, moments)
                 if keep:
                     xs.append(x)
-            v = M.rms_norm(x, M.t(tensors["output_norm.weight"]), hp.rms_eps).double().pow(2).sum(0)
-            sums["output"] = sums["output"] + v if "output" in sums else v
+            moments("output", M.rms_norm(x, M.t(tensors["output_norm.weight"]), hp.rms_eps))
             count += len(seq)
             if keep:
                 inputs.append(xs)
         ref = [torch.log_softmax(M.head(xs[-1], tensors, hp).double(), -1) for xs in inputs]
-    h = {k: (v / count).numpy() for k, v in sums.items()}
+    h = moments.means(count)
 
     def h_of(name):
         return h["output"] if not name.startswith("blk.") else h[name.removesuffix(".weight")]

@@ -33,17 +33,13 @@ def input_moments(tensors: dict, hp, tokens) -> dict:
     import torch
 
     from jlcm_gguf import model as M
-    sums: dict = {}
+    moments = M.InputMoments()
     with torch.inference_mode():
         for seq in tokens:
             x = M.embed(seq, tensors)
             for bid in range(hp.n_layer):
-                def observe(name, inp):
-                    v = inp.double().pow(2).sum(0)
-                    sums[name] = sums[name] + v if name in sums else v
-                x = M.block_forward(x, tensors, bid, hp, observe)
-    count = sum(len(s) for s in tokens)
-    return {k: (v / count).numpy() for k, v in sums.items()}
+                x = M.block_forward(x, tensors, bid, hp, moments)
+    return moments.means(sum(len(s) for s in tokens))
 
 
 def main(argv=None) -> int:

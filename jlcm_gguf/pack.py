@@ -59,6 +59,15 @@ def group_of_rows(bounds: np.ndarray, rows: int) -> np.ndarray:
     return np.searchsorted(np.asarray(bounds, dtype=np.int64), np.arange(rows), side="right")
 
 
+def lookup(idx: np.ndarray, d: np.ndarray, cb: np.ndarray, bounds: np.ndarray | None) -> np.ndarray:
+    """Float32 weights (stored row order) of unpacked indices [rows, cols] and block scales [rows, cols/QK]."""
+    rows = idx.shape[0]
+    cb = np.asarray(cb, dtype=np.int8)  # [n_groups, 2^bits]
+    grp = group_of_rows(bounds, rows) if bounds is not None else np.zeros(rows, dtype=np.int64)
+    vals = cb[grp[:, None], idx].astype(np.float32)
+    return np.repeat(d.astype(np.float32), QK, axis=1) * vals  # one float32 rounding, as in C
+
+
 def dequantize(data: np.ndarray, bits: int, cols: int, cb: np.ndarray, bounds: np.ndarray | None = None,
                perm: np.ndarray | None = None) -> np.ndarray:
     """Float32 weights in original row order.
@@ -67,12 +76,7 @@ def dequantize(data: np.ndarray, bits: int, cols: int, cb: np.ndarray, bounds: n
     perm: int32 [2, rows] as stored (row 0: stored->original), or None.
     """
     idx, d = unpack_blocks(data, bits, cols)
-    rows = idx.shape[0]
-    cb = np.asarray(cb, dtype=np.int8).reshape(-1, 1 << bits)
-    grp = group_of_rows(bounds, rows) if bounds is not None else np.zeros(rows, dtype=np.int64)
-    vals = cb[grp[:, None], idx].astype(np.float32)
-    d32 = np.repeat(d.astype(np.float32), QK, axis=1)
-    stored = d32 * vals  # one float32 rounding, as in C
+    stored = lookup(idx, d, np.asarray(cb, dtype=np.int8).reshape(-1, 1 << bits), bounds)
     if perm is None:
         return stored
     out = np.empty_like(stored)

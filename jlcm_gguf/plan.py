@@ -188,17 +188,15 @@ def quick_error(w: np.ndarray, h: np.ndarray | None, kind: str, groups: int, var
     else:
         from .group import group_rows, row_profiles
         from .init import init_codebooks
-        from .pack import assign
+        from .pack import assign, lookup
 
         bits = int(kind[4:])
         order, bounds = grouping if grouping is not None else group_rows(row_profiles(w, h), groups, seed)
         ws = w[order]
         cb = init_codebooks(ws, h, bounds, bits, variant, seed, rounds=0, max_samples=1 << 14)
         idx, d = assign(ws, bits, cb, bounds, h)
-        grp = np.searchsorted(bounds, np.arange(len(ws)), side="right")
         q = np.empty_like(ws)
-        q[order] = (np.repeat(d.astype(np.float32), QK, axis=1)
-                    * cb[grp[:, None], idx].astype(np.float32))
+        q[order] = lookup(idx, d, cb, bounds)
     return float((((w - q).astype(np.float64) ** 2).sum(0) * hw).sum()), q
 
 

@@ -39,18 +39,27 @@ def step(msg: str) -> None:
     print(f"== {msg}", flush=True)
 
 
+# Linux carries a process's peak RSS across fork and exec, so a tool forked from this (possibly large)
+# Python process would report at least this process's size: a small helper forks the tool instead and
+# reports the tool's own peak (ru_maxrss of wait4, KiB) on its last stderr line.
+_MEASURE = ("import os, sys\npid = os.fork()\nif pid == 0:\n    os.execv(sys.argv[1], sys.argv[1:])\n"
+            "_, status, usage = os.wait4(pid, 0)\nsys.stderr.write(f'\\njlcm-peak-rss-kib {usage.ru_maxrss}\\n')\n"
+            "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
 def peak_rss_run(cmd: list, log: Path | None = None) -> tuple[subprocess.CompletedProcess, int]:
-    """Runs cmd and returns its peak resident set size in bytes (the rusage os.wait4 reports for it). With
-    `log`, stdout and stderr go there as they come (progress can be followed) and come back as stdout."""
+    """Runs cmd and returns its peak resident set size in bytes. With `log`, stdout and stderr go there as
+    they come (progress can be followed) and come back as stdout."""
+    import re
     import tempfile
     with (open(log, "w+") if log else tempfile.TemporaryFile("w+")) as out, tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=out if log else err,
-                             stdin=subprocess.DEVNULL, text=True)
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
+        p = subprocess.run([sys.executable, "-S", "-c", _MEASURE, *[str(c) for c in cmd]], stdout=out,
+                           stderr=out if log else err, stdin=subprocess.DEVNULL, text=True)
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read()), usage.ru_maxrss * 1024
+        res = subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read())
+    found = re.findall(r"^jlcm-peak-rss-kib (\d+)$", res.stderr or res.stdout, re.M)
+    return res, int(found[-1]) * 1024 if found else 0
 
 
 def llama_bench(model: Path, threads: int, pp: int, tg: int, reps: int) -> dict:

@@ -86,3 +86,16 @@ def test_prove_7b_script_on_the_tiny_config(tmp_path):
     text = doc.read_text()
     assert "| file bytes | " in text and "met" in text and "ratio JLCM / IQ2_XXS" in text
     assert "KV cache q8_0 |" in text and "target is met with the KV cache in f16, q8_0." in text
+
+
+def test_peak_rss_is_the_tools_own_not_this_process():
+    """Linux carries a parent's peak RSS into a forked child: the measurement must not report the test
+    process's size for a small tool."""
+    import prove_7b
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MiB touched in this process
+    res, peak = prove_7b.peak_rss_run(["/bin/sh", "-c", "exit 3"])
+    assert res.returncode == 3
+    assert 0 < peak < 100 * 2**20, peak
+    res, big = prove_7b.peak_rss_run([sys.executable, "-c", "import numpy; a = numpy.ones(2**28 // 8)"])
+    assert res.returncode == 0 and big > 250 * 2**20 > peak  # a tool's own 256 MiB shows
+    del ballast

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 SRC = ROOT / "tests" / "c" / "cross"
 AARCH64 = [f"-DCMAKE_TOOLCHAIN_FILE={SRC / 'aarch64-linux-gnu.cmake'}"]
-X86_AVX2 = ["-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON"]
+X86_AVX2 = ["-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON", "-DGGML_LLAMAFILE=ON"]
 X86_AVX512 = X86_AVX2 + ["-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON"]
 # variant -> (cmake options, command prefix that runs its binaries here, /proc/cpuinfo flags it needs)
 VARIANTS = {

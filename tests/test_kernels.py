@@ -82,9 +82,11 @@ def test_pack_roundtrip(bits):
 
 @pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("bits", [2, 3, 4])
-# n: activation columns; the kernels take up to 4 columns per looked-up row and tiles of 16, so the
-# counts cover 1..4 columns per call, several tiles and tiles split between threads
-@pytest.mark.parametrize("groups,permuted,n", [(0, False, 23), (1, False, 1), (5, False, 6), (5, True, 19), (37, True, 3)])
+# n: activation columns; the tile kernels take up to 4 columns per looked-up row and tiles of 16, so the
+# counts cover 1..4 columns per call, several tiles and tiles split between threads; from 8 columns x86
+# expands rows to Q8_0 for llamafile's GEMM (jlcm.c), in chunks of 16 rows here (the last one partial)
+@pytest.mark.parametrize("groups,permuted,n", [(0, False, 23), (1, False, 1), (5, False, 6), (5, True, 19), (37, True, 3),
+                                               (37, True, 8)])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_kernels_match_reference(tmp, bits, groups, permuted, n, threads, runner):
     rng = np.random.default_rng(100 * bits + 10 * groups + permuted)

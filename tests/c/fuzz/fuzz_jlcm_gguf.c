@@ -52,20 +52,20 @@ static void check_jlcm_weights(struct ggml_context * ctx) {
 
 static void run_kernels(struct ggml_tensor * w) {
     const int64_t ne0 = w->ne[0], ne1 = w->ne[1], ne2 = w->ne[2];
-    const size_t mem = 16*1024*1024 + (size_t) (ne0*ne1*ne2 + 2*ne0*ne2 + 2*ne1*ne2) * sizeof(float) * 2;
+    const size_t mem = 16*1024*1024 + (size_t) (ne0*ne1*ne2 + 9*ne0*ne2 + 9*ne1*ne2) * sizeof(float) * 2;
     struct ggml_init_params ip = { mem, NULL, false };
     struct ggml_context * ctx = ggml_init(ip);
     if (!ctx) {
         return;
     }
-    // every row of every matrix, and a product with two columns per matrix
+    // every row of every matrix, and a product with nine columns per matrix (from 8, x86 takes the batched path)
     struct ggml_tensor * ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, ne1, ne2);
     for (int64_t e = 0; e < ne2; ++e) {
         for (int64_t r = 0; r < ne1; ++r) {
             ((int32_t *) ids->data)[e*ne1 + r] = (int32_t) r;
         }
     }
-    struct ggml_tensor * x = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, ne0, 2, ne2);
+    struct ggml_tensor * x = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, ne0, 9, ne2);
     for (int64_t i = 0; i < ggml_nelements(x); ++i) {
         ((float *) x->data)[i] = (float) ((i * 7919) % 13) - 6.0f;
     }

@@ -112,8 +112,11 @@ def cpu_description() -> str:
     elif "avx2" in flags:
         path = "AVX2 kernels"
     else:
-        path = "no x86 SIMD kernels"
-    return f"{model}, {os.cpu_count()} logical CPUs, JLCM's {path}"
+        return f"{model}, {os.cpu_count()} logical CPUs, no JLCM x86 SIMD kernels"
+    # prompts of 8 tokens or more take the batched path (ggml_patch jlcm.c)
+    batched = ("the batched AVX-512 VNNI kernel" if {"avx512bw", "avx512vl", "avx512_vnni"} <= flags
+               else "rows expanded to Q8_0 for llamafile's GEMM")
+    return f"{model}, {os.cpu_count()} logical CPUs, JLCM's {path}; prompts: {batched}"
 
 
 def main() -> int:

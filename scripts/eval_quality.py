@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,6 +171,7 @@ def main() -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     by: dict[str, dict] = {}
+    convert_s: dict[str, tuple[float, list]] = {}  # conversions done by this run: wall seconds, arguments
 
     def measure(name: str, make) -> None:
         if name in reuse and name not in a.fresh:
@@ -202,10 +204,12 @@ def main() -> int:
             scores = a.out / "plan-scores.json"
             args += ["--plan", str(scores)] if scores.exists() else ["--save-plan", str(scores)]
 
-        def convert(t, args=args):
+        def convert(t, args=args, name=name):
             cmd = [str(hf), "--outfile", str(t), *args, "--threads", str(a.threads)]
+            t0 = time.perf_counter()
             if convert_main(cmd):
                 raise SystemExit(f"error: jlcm-convert {' '.join(cmd)} failed")
+            convert_s[name] = (time.perf_counter() - t0, args)
         measure(name, lambda file=file, convert=convert: bench._once(a.out / file, convert))
 
     by = {r["name"]: r for r in rows}
@@ -296,6 +300,19 @@ def main() -> int:
             plain = by.get(f"jlcm-{b}")
             lines.append(f"| {b[:-3]} | {plain['bytes']:,} | {plain['ppl']:.3f} | {r['bytes']:,} | {r['ppl']:.3f} |"
                          if plain else f"| {b[:-3]} | | | {r['bytes']:,} | {r['ppl']:.3f} |")
+    if convert_s:
+        lines += ["", f"## Conversion time ({a.threads} threads, this run)", "",
+                  "Wall time of each `jlcm-convert` this run did (files already in `--out` are not converted again; "
+                  "a `--target-size` row's sensitivity scores are measured by the first such conversion and reused).",
+                  "", "| row | arguments | seconds |", "|---|---|---:|"]
+        for n, (sec, args) in convert_s.items():
+            lines.append(f"| {n} | `{' '.join(args)}` | {sec:.0f} |")
+        learned2 = [(n, sec) for n, (sec, args) in convert_s.items() if args[:2] == ["--bits", "2"] and "--learn-steps" in args
+                    and "--plain-ste" not in args]
+        for n, sec in learned2:
+            lines.append("")
+            lines.append(f"2-bit conversion with learning ({n}): {sec / 60:.1f} min on {a.threads} threads — "
+                         + ("within" if sec <= 600 else "**over**") + " issue #4's 10 minutes.")
     if any(r.get("reused") for r in rows):
         lines += ["", f"† taken from the earlier report `{a.reuse}` (`--reuse`): measured by this script with the "
                   "same text, context and chunk count, but by an earlier version of the converter for JLCM rows."]

@@ -84,7 +84,8 @@ def test_pack_roundtrip(bits):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 # n: activation columns; the tile kernels take up to 4 columns per looked-up row and tiles of 16, so the
 # counts cover 1..4 columns per call, several tiles and tiles split between threads; from 8 columns x86
-# expands rows to Q8_0 for llamafile's GEMM (jlcm.c), in chunks of 16 rows here (the last one partial)
+# takes the batched path (jlcm.c: the AVX-512 VNNI kernel, or Q8_0 rows for llamafile's GEMM on AVX2), in
+# chunks of 16 rows here (the last one partial)
 @pytest.mark.parametrize("groups,permuted,n", [(0, False, 23), (1, False, 1), (5, False, 6), (5, True, 19), (37, True, 3),
                                                (37, True, 8)])
 @pytest.mark.parametrize("threads", [1, 3])

@@ -254,7 +254,7 @@ def convert(opt: Options) -> dict:
                               codebooks=cb, bounds=ro.bounds, perm=ro.order)
 
     instance.ftype = gguf.LlamaFileType(F.FTYPE_IDS[layer_bits(opt.widths, tensors, opt.bits)])
-    summary = write_gguf(instance, order, tensors, jlcm, opt, tmp_out)
+    summary = write_gguf(instance, order, tensors, jlcm, opt, tmp_out, hessians)
     ckpt.remove()
     summary["seconds"] = time.time() - t0
     summary["widths"] = dict(opt.widths)
@@ -372,7 +372,7 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
     hessians: dict = {}
     start = 0
     if ckpt is not None and ckpt.found():
-        start, x_q, x_f = ckpt.restore(jlcm, tensors)
+        start, x_q, x_f = ckpt.restore(jlcm, tensors, hessians)
         x_f = x_f if x_f is not None else x_q
         log.info("resuming after block %d of %d from %s", start, hp.n_layer, ckpt.dir)
     else:
@@ -447,14 +447,15 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
             kind = opt.widths.get(name) if opt.widths else None
             if kind and not kind.startswith("jlcm"):  # a llama.cpp type from the plan: its error propagates too
                 from .plan import standard_roundtrip
-                logical[name] = standard_roundtrip(tensors[name], kind)
+                logical[name] = standard_roundtrip(tensors[name], kind, hessians.get(name.removesuffix(".weight")))
         qt = dict(tensors)
         qt.update(logical)
         with torch.inference_mode():
             x_q = [M.block_forward(x, qt, bid, hp) for x in x_q]
         x_f = y_f if y_f is not None else x_q
         if ckpt is not None:
-            ckpt.save(bid, {n: jlcm[n] for n in specs}, folded, x_q, y_f)
+            ckpt.save(bid, {n: jlcm[n] for n in specs}, folded, x_q, y_f,
+                      {k: v for k, v in hessians.items() if k.startswith(f"blk.{bid}.")})
     moments = M.InputMoments()
     with torch.inference_mode():
         for x in x_q:

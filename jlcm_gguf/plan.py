@@ -38,6 +38,7 @@ GRID = 2048      # evenly spaced budgets the search also fills for (see walk)
 FAST_ROWS = 1024  # --fast scores a sample of this many rows per matrix
 ALIGNMENT = 32  # gguf-py pads every tensor's data to this
 PLAN_FORMAT = "jlcm-plan"
+SCORER = 2  # saved scores of another scorer are refused (2: Q5_0/Q8_0 errors of the h-weighted quantizer)
 
 
 class PlanError(ValueError):
@@ -170,21 +171,21 @@ def plan_bytes(options: dict[str, list[Option]], bits: dict[str, str]) -> int:
 
 # --- scoring ---------------------------------------------------------------------------------------------
 
-def standard_roundtrip(w: np.ndarray, kind: str) -> np.ndarray:
-    """w quantized to Q5_0 / Q8_0 and back by gguf-py's reference code (what llama.cpp computes with)."""
+def standard_roundtrip(w: np.ndarray, kind: str, h: np.ndarray | None = None) -> np.ndarray:
+    """w stored as Q5_0 / Q8_0 the way the writer stores it (h-weighted scales, standard.py) and read back."""
     from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize, quantize
-    qt = GGMLQuantizationType[STANDARD[kind][0]]
-    return dequantize(quantize(np.asarray(w, dtype=np.float32), qt), qt).reshape(w.shape)
+
+    from .standard import roundtrip
+    return roundtrip(w, GGMLQuantizationType[STANDARD[kind][0]], h)
 
 
 def quick_error(w: np.ndarray, h: np.ndarray | None, kind: str, groups: int, variant: str, seed: int,
                 grouping=None) -> tuple[float, np.ndarray]:
     """(h-weighted squared error, dequantized weights in original row order) of w stored as `kind`: for
-    JLCM by grouping and one k-means pass, for Q5_0/Q8_0 by gguf-py's reference quantizer."""
+    JLCM by grouping and one k-means pass, for Q5_0/Q8_0 as the writer does it."""
     hw = np.ones(w.shape[1]) if h is None else np.asarray(h, dtype=np.float64)
     if kind in STANDARD:
-        q = standard_roundtrip(w, kind)
+        q = standard_roundtrip(w, kind, h)
     else:
         from .group import group_rows, row_profiles
         from .init import init_codebooks
@@ -338,6 +339,7 @@ def save_plan(path: Path, bits: dict[str, str], info: dict | None = None,
     doc = {"format": PLAN_FORMAT, "version": 1, **(info or {}),
            "tensors": {n: bits[n] for n in sorted(bits, key=_natural)}}
     if options:
+        doc["scorer"] = SCORER
         doc["options"] = {n: [[o.kind, o.bytes, o.score] for o in options[n]] for n in sorted(options, key=_natural)}
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
@@ -350,8 +352,12 @@ def load_options(path: Path) -> dict[str, list[Option]]:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
         opts = doc.get("options", {}) if isinstance(doc, dict) else {}
         out = {n: [Option(str(k), int(b), float(sc)) for k, b, sc in v] for n, v in opts.items()}
+        scorer = doc.get("scorer", 1) if out else SCORER
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise PlanError(f"cannot read the scores in {path}: {e}") from None
+    if scorer != SCORER:
+        raise PlanError(f"the scores in {path} were measured by another version of the planner (scorer {scorer}, "
+                        f"this one is {SCORER}): plan again with --save-plan")
     if any(o.kind not in CHOICES or o.bytes <= 0 for v in out.values() for o in v):
         raise PlanError(f"{path} has scores for an unknown type or size")
     return out

@@ -103,9 +103,10 @@ def verify_written(path, order: list[str], jlcm: dict) -> None:
             raise ConvertError(f"{path}: {name} did not read back as written")
 
 
-def write_gguf(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_out) -> dict:
+def write_gguf(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_out, hessians: dict | None = None) -> dict:
     """Entry point of the write step: every tensor in the converter's order, JLCM ones with companions,
-    the metadata of the vendored converter plus jlcm.*; written to tmp_out, re-read, renamed. On any
+    the others in llama.cpp types (Q4_0/Q5_0/Q8_0 weighted by `hessians`, standard.py), the metadata of the
+    vendored converter plus jlcm.*; written to tmp_out, re-read, renamed. On any
     failure (a full disk included) the temporary file is removed and the output name stays untouched."""
     from .convert import ConvertError
 
@@ -115,7 +116,7 @@ def write_gguf(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_o
     if free < need:
         raise ConvertError(f"{Path(tmp_out).parent} has {free:,} bytes free, the output needs about {need:,}")
     try:
-        summary = _write_and_verify(instance, order, tensors, jlcm, opt, tmp_out)
+        summary = _write_and_verify(instance, order, tensors, jlcm, opt, tmp_out, hessians or {})
     except OSError as e:
         Path(tmp_out).unlink(missing_ok=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -129,10 +130,12 @@ def write_gguf(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_o
 
 
 def _add_tensors(writer, order: list[str], tensors: dict, jlcm: dict, opt, kinds: dict | None,
-                 dry: bool = False) -> tuple[int, int, int]:
+                 dry: bool = False, hessians: dict | None = None) -> tuple[int, int, int]:
     """Every tensor in the converter's order into the writer; (weights, JLCM weights, JLCM bytes). dry: only
     names, shapes and types matter (np.empty data is never touched), for predict_bytes."""
-    from gguf.quants import quant_shape_to_byte_shape, quantize
+    from gguf.quants import quant_shape_to_byte_shape
+
+    from .standard import importance, quantize_standard
 
     log = logging.getLogger("jlcm-convert")
     n_weights_jlcm = bytes_jlcm = n_weights = 0
@@ -155,7 +158,7 @@ def _add_tensors(writer, order: list[str], tensors: dict, jlcm: dict, opt, kinds
             elif dry:
                 data = np.empty(quant_shape_to_byte_shape(arr.shape, qt), dtype=np.uint8)
             else:
-                data = quantize(np.asarray(arr, dtype=np.float32), qt)
+                data = quantize_standard(arr, qt, importance(name, hessians or {}, tensors))
             writer.add_tensor(name, data, raw_dtype=qt)
             if arr.ndim > 1 and not dry:
                 log.info("%-32s %-9s %s (not covered by JLCM)", name, "x".join(map(str, arr.shape[::-1])), qt.name)
@@ -241,9 +244,9 @@ def predict_bytes(instance, order: list[str], tensors: dict, jlcm_shapes: dict, 
             q.setLevel(lv)
 
 
-def _write_and_verify(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_out) -> dict:
+def _write_and_verify(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_out, hessians: dict) -> dict:
     writer = instance.gguf_writer
-    n_weights, n_weights_jlcm, bytes_jlcm = _add_tensors(writer, order, tensors, jlcm, opt, opt.widths)
+    n_weights, n_weights_jlcm, bytes_jlcm = _add_tensors(writer, order, tensors, jlcm, opt, opt.widths, hessians=hessians)
     _add_metadata(instance, opt.widths, opt)
     expected = file_bytes(writer)
     writer.write_header_to_file(path=tmp_out)

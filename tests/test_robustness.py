@@ -60,10 +60,23 @@ def small(smollm2, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def small_reference(small, tmp_path_factory) -> Path:
+def resume_args(tmp_path_factory) -> list:
+    """FAST with a plan that stores two of block 0's matrices as Q5_0: a resumed run must write them from
+    block 0's saved input statistics exactly as the uninterrupted run does."""
+    from jlcm_gguf import plan as P
+    from jlcm_gguf.model import LINEARS
+    kinds = {f"blk.{b}.{n}.weight": "jlcm2" for b in range(N_LAYER) for n in LINEARS}
+    kinds.update({"blk.0.attn_v.weight": "q5_0", "blk.0.ffn_down.weight": "q5_0", "token_embd.weight": "q8_0"})
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    P.save_plan(path, kinds)
+    return FAST + ["--plan", path]
+
+
+@pytest.fixture(scope="module")
+def small_reference(small, resume_args, tmp_path_factory) -> Path:
     """An uninterrupted conversion of the small model."""
     out = tmp_path_factory.mktemp("ref") / "ref.gguf"
-    res = run(CONVERTER + [small, "--outfile", out] + FAST)
+    res = run(CONVERTER + [small, "--outfile", out] + resume_args)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
@@ -76,10 +89,10 @@ def _blocks_done(ckpt: Path) -> int:
         return 0
 
 
-def test_kill_and_resume_gives_the_same_file(small, small_reference, tmp_path):
+def test_kill_and_resume_gives_the_same_file(small, small_reference, resume_args, tmp_path):
     out = tmp_path / "out.gguf"
     ckpt = Path(str(out) + ".jlcm-resume")
-    proc = subprocess.Popen([str(a) for a in CONVERTER + [small, "--outfile", out] + FAST],
+    proc = subprocess.Popen([str(a) for a in CONVERTER + [small, "--outfile", out] + resume_args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while _blocks_done(ckpt) < 2:
@@ -93,14 +106,14 @@ def test_kill_and_resume_gives_the_same_file(small, small_reference, tmp_path):
     assert not out.exists() and not list(tmp_path.glob("out.gguf.tmp*"))
 
     # a plain re-run refuses rather than silently discarding (or silently reusing) the finished blocks
-    res = run(CONVERTER + [small, "--outfile", out] + FAST)
+    res = run(CONVERTER + [small, "--outfile", out] + resume_args)
     assert res.returncode == 1 and "--resume" in error_line(res) and "interrupted conversion" in error_line(res)
     assert _blocks_done(ckpt) == done and not out.exists()
     # resuming with other options is refused
-    res = run(CONVERTER + [small, "--outfile", out, "--resume"] + FAST[:2] + ["--groups", "8"] + FAST[4:])
+    res = run(CONVERTER + [small, "--outfile", out, "--resume"] + FAST[:2] + ["--groups", "8"] + resume_args[4:])
     assert res.returncode == 1 and "other options or input" in error_line(res)
 
-    res = run(CONVERTER + [small, "--outfile", out, "--resume"] + FAST)
+    res = run(CONVERTER + [small, "--outfile", out, "--resume"] + resume_args)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resuming after block {done} of {N_LAYER}" in res.stderr
     assert out.read_bytes() == small_reference.read_bytes()

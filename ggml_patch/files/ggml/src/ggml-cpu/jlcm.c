@@ -116,7 +116,8 @@ void ggml_cpu_jlcm_mul_tile(const struct ggml_tensor * src0, int64_t i02, int64_
 // codebook lookup per row and column tile and prepares activations per row tile. x86 only, where it was
 // measured (docs/speed.md): with AVX-512 VNNI a kernel of its own (arch/x86/quants.c), with AVX2 an exact
 // expansion to Q8_0 for llamafile's GEMM. Elsewhere the tile kernel does every product.
-#if defined(GGML_JLCM_BATCH_GEMM) || (defined(__AVX2__) && GGML_USE_LLAMAFILE)
+// (-DGGML_JLCM_NO_BATCH keeps the tile kernel, to compare the two)
+#if !defined(GGML_JLCM_NO_BATCH) && (defined(GGML_JLCM_BATCH_GEMM) || (defined(__AVX2__) && GGML_USE_LLAMAFILE))
 #define GGML_JLCM_BATCHED 1
 #endif
 #define GGML_JLCM_BATCH_MIN_COLS  8           // below this the tile kernel is faster
@@ -170,6 +171,11 @@ size_t ggml_cpu_jlcm_wdata_size(int n_tasks, const struct ggml_tensor * dst) {
 }
 
 bool ggml_cpu_jlcm_mul_mat_batched(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+#ifndef GGML_JLCM_BATCHED
+    GGML_UNUSED(params);
+    GGML_UNUSED(dst);
+    return false;
+#else
     if (!jlcm_batched(dst)) {
         return false;
     }
@@ -184,12 +190,13 @@ bool ggml_cpu_jlcm_mul_mat_batched(const struct ggml_compute_params * params, st
     // the region follows src1 converted to Q8_0, as planned in ggml_graph_plan
     const size_t  y_bytes = src1->type == GGML_TYPE_Q8_0 ? 0 : GGML_PAD(ggml_row_size(GGML_TYPE_Q8_0, ggml_nelements(src1)), 64);
     char * shared = (char *) GGML_PAD((uintptr_t) params->wdata + y_bytes, 64);
-    if (shared + jlcm_batch_shared(dst) + params->nth*slot > (char *) params->wdata + params->wsize) {
+    char * slots  = shared + jlcm_batch_shared(dst);
+    if (slots + params->nth*slot > (char *) params->wdata + params->wsize) {
         return false; // a plan made without the region
     }
     const char * y     = src1->type == GGML_TYPE_Q8_0 ? (const char *) src1->data : (const char *) params->wdata;
     const size_t y_row = src1->type == GGML_TYPE_Q8_0 ? src1->nb[1] : ggml_row_size(GGML_TYPE_Q8_0, ne00);
-    char * buf = shared + jlcm_batch_shared(dst) + params->ith*slot;
+    char * buf = slots + params->ith*slot;
     const struct jlcm_groups g = jlcm_groups_of(src0, 0);
     float * const d   = (float *) dst->data;
     const int64_t ldc = dst->nb[1] / sizeof(float);
@@ -202,7 +209,7 @@ bool ggml_cpu_jlcm_mul_mat_batched(const struct ggml_compute_params * params, st
         ggml_jlcm_batch_prepare(ne00, (int) MIN(16, ne11 - 16*p), y + 16*p*y_row, y_row, shared + p*panel);
     }
     ggml_barrier(params->threadpool);
-#else
+#else // AVX2: llamafile's Q8_0 GEMM, and Q8_0's vec_dot should it ever decline
     ggml_vec_dot_t const q8_dot = ggml_get_type_traits_cpu(GGML_TYPE_Q8_0)->vec_dot;
 #endif
 
@@ -229,14 +236,11 @@ bool ggml_cpu_jlcm_mul_mat_batched(const struct ggml_compute_params * params, st
             ggml_jlcm_batch_gemm(ne00, (int) nr, buf, row, shared + p*panel, (int) MIN(16, ne11 - 16*p), d + 16*p*ldc + o0, ldc);
         }
 #else
-        bool done = false;
-#if GGML_USE_LLAMAFILE
         struct ggml_compute_params one = *params; // this chunk is this thread's alone
         one.ith = 0;
         one.nth = 1;
-        done = llamafile_sgemm(&one, nr, ne11, ne00/QK8_0, buf, ne00/QK8_0, y, (int64_t) (y_row/sizeof(block_q8_0)),
-                               d + o0, ldc, GGML_TYPE_Q8_0, GGML_TYPE_Q8_0, GGML_TYPE_F32);
-#endif
+        const bool done = llamafile_sgemm(&one, nr, ne11, ne00/QK8_0, buf, ne00/QK8_0, y, (int64_t) (y_row/sizeof(block_q8_0)),
+                                          d + o0, ldc, GGML_TYPE_Q8_0, GGML_TYPE_Q8_0, GGML_TYPE_F32);
         for (int64_t c = 0; !done && c < ne11; ++c) {
             for (int64_t i = 0; i < nr; ++i) {
                 q8_dot((int) ne00, d + c*ldc + o0 + i, 0, buf + i*row, 0, y + c*y_row, 0, 1);
@@ -245,6 +249,7 @@ bool ggml_cpu_jlcm_mul_mat_batched(const struct ggml_compute_params * params, st
 #endif
     }
     return true;
+#endif // GGML_JLCM_BATCHED
 }
 
 void ggml_compute_forward_get_rows_jlcm(const struct ggml_compute_params * params, struct ggml_tensor * dst) {

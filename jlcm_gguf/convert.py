@@ -383,9 +383,8 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
     for bid in bar:
         moments = M.InputMoments()
         with torch.inference_mode():
-            for x in x_q:
-                M.block_forward(x, tensors, bid, hp, moments)
-            y_f = [M.block_forward(x, tensors, bid, hp) for x in x_f] if opt.learn_steps else None
+            M.blocks_forward(x_q, tensors, bid, hp, moments)
+            y_f = M.blocks_forward(x_f, tensors, bid, hp) if opt.learn_steps else None
         count = sum(len(x) for x in x_q)
         hessians.update(moments.means(count))
 
@@ -418,10 +417,11 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
             y_t = torch.stack(y_f)
             norm = y_t.pow(2).mean()
 
-            def block_loss(params=params, block_fn=block_fn, x_in=x_in, y_t=y_t, norm=norm) -> float:
+            def block_loss(params=params, block_fn=block_fn, x_in=x_in, y_t=y_t, norm=norm, batch=8) -> float:
                 with torch.no_grad():
                     ws = {n: p.weight() for n, p in params.items()}
-                    return float(sum((block_fn(ws, x) - y).pow(2).mean() for x, y in zip(x_in, y_t)) / len(x_in) / norm)
+                    return float(sum((block_fn(ws, x_in[i:i + batch]) - y_t[i:i + batch]).pow(2).sum()
+                                     for i in range(0, len(x_in), batch)) / y_t.numel() / norm)
 
             before = block_loss()
             learn_block(block_fn, list(params.values()), x_in, y_t, opt.learn_steps, seed=opt.seed + bid,
@@ -451,7 +451,7 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         qt = dict(tensors)
         qt.update(logical)
         with torch.inference_mode():
-            x_q = [M.block_forward(x, qt, bid, hp) for x in x_q]
+            x_q = M.blocks_forward(x_q, qt, bid, hp)
         x_f = y_f if y_f is not None else x_q
         if ckpt is not None:
             ckpt.save(bid, {n: jlcm[n] for n in specs}, folded, x_q, y_f,

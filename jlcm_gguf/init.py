@@ -20,10 +20,13 @@ def weighted_kmeans_1d(v: np.ndarray, wt: np.ndarray, k: int, iters: int = 30) -
     cw = np.cumsum(ws)
     cw /= cw[-1]
     c = vs[np.searchsorted(cw, (np.arange(k) + 0.5) / k).clip(0, len(vs) - 1)]
+    # v is sorted, so each cluster is a run of it: its sums are differences of prefix sums
+    sum_w = np.r_[0.0, np.cumsum(ws)]
+    sum_wv = np.r_[0.0, np.cumsum(ws * vs)]
     for _ in range(iters):
-        labels = np.searchsorted((c[1:] + c[:-1]) / 2, vs)
-        sw = np.bincount(labels, weights=ws, minlength=k)
-        sv = np.bincount(labels, weights=ws * vs, minlength=k)
+        ends = np.r_[0, np.searchsorted(vs, (c[1:] + c[:-1]) / 2, side="right"), len(vs)]  # ties go to the lower
+        sw = sum_w[ends[1:]] - sum_w[ends[:-1]]
+        sv = sum_wv[ends[1:]] - sum_wv[ends[:-1]]
         new = np.where(sw > 0, sv / np.where(sw > 0, sw, 1), c)  # an empty cluster keeps its centre
         new = np.sort(new)
         if np.allclose(new, c, atol=1e-7):

@@ -32,22 +32,21 @@ class CodebookWeight(torch.autograd.Function):
         flat = cb.reshape(-1)
         cv = flat[key]
         dx = d.repeat_interleave(QK, dim=1)
-        ctx.save_for_backward(i, key, cb, dx, cv)
+        ctx.save_for_backward(key, cb, dx, cv)
         ctx.plain_ste = plain_ste
         return dx * cv
 
     @staticmethod
     def backward(ctx, g):
-        i, key, cb, dx, cv = ctx.saved_tensors
-        k = cb.shape[1]
+        key, cb, dx, cv = ctx.saved_tensors
         rows, cols = g.shape
         gd = g * dx                                                  # dL/d(codeword value)
-        grad_cb = torch.bincount(key.reshape(-1), weights=gd.reshape(-1), minlength=cb.numel()).view_as(cb)
+        grad_cb = torch.zeros(cb.numel(), dtype=gd.dtype).index_add_(0, key.reshape(-1), gd.reshape(-1)).view_as(cb)
         grad_d = (g * cv).view(rows, cols // QK, QK).sum(-1)
-        flat = cb.reshape(-1)
-        up = torch.where(i < k - 1, flat[(key + 1).clamp(max=cb.numel() - 1)] - cv, torch.zeros_like(cv))
-        down = torch.where(i > 0, cv - flat[(key - 1).clamp(min=0)], torch.zeros_like(cv))
-        gap = torch.where(gd < 0, up, down)                          # descent on u moves the index up where gd < 0
+        # each codeword's gap to the next one up and down (0 past the ends), looked up per weight
+        gaps, zero = cb[:, 1:] - cb[:, :-1], cb.new_zeros(cb.shape[0], 1)
+        up, down = torch.cat([gaps, zero], 1).reshape(-1), torch.cat([zero, gaps], 1).reshape(-1)
+        gap = torch.where(gd < 0, up[key], down[key])                # descent on u moves the index up where gd < 0
         grad_u = gd * gap if ctx.plain_ste else proximal_surrogate(gd, gap)
         return grad_u, grad_cb.to(cb.dtype), grad_d, None, None
 
@@ -120,7 +119,8 @@ def learn_block(block_fn, params: list[QuantParam], x_in: torch.Tensor, y_target
                 plain_ste: bool = False, progress=None) -> list[float]:
     """Adam on || block_fn(weights, x) - y ||^2 over samples; returns the loss after each step.
 
-    block_fn(weights: dict[name, Tensor], x: [seq, n_embd]) -> [seq, n_embd]."""
+    block_fn(weights: dict[name, Tensor], x: [..., seq, n_embd]) -> [..., seq, n_embd] (x_in: [windows, seq,
+    n_embd], windows of equal length)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam([
         {"params": [p.u for p in params], "lr": lr_u},
@@ -133,7 +133,7 @@ def learn_block(block_fn, params: list[QuantParam], x_in: torch.Tensor, y_target
     for step in range(steps):
         pick = torch.randperm(n, generator=gen)[:batch]
         weights = {p.name: p.weight(plain_ste) for p in params}
-        loss = sum((block_fn(weights, x_in[j]) - y_target[j]).pow(2).mean() for j in pick) / len(pick) / norm
+        loss = (block_fn(weights, x_in[pick]) - y_target[pick]).pow(2).mean() / norm  # the windows as one batch
         opt.zero_grad()
         loss.backward()
         before = [p.u.detach().round() for p in params]

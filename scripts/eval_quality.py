@@ -49,6 +49,9 @@ def row_specs(a, learned, ablations) -> list[tuple[str, str, list]]:
                  (f"jlcm-{b}bit-scales", f"jlcm{b}-scales.gguf", ["--bits", b, "--variant", "scales"])]
     for ref in a.mixed:  # issue #6: a per-tensor plan at another row's size
         rows.append((f"jlcm-mixed@{ref}", f"jlcm-mixed-{ref}.gguf", ["--target-size", f"={ref}"]))
+    for ref, qt in a.mixed_embd:  # the same budget with the embeddings pinned to a type
+        rows.append((f"jlcm-mixed@{ref}-embd-{qt}", f"jlcm-mixed-{ref}-embd-{qt}.gguf",
+                     ["--target-size", f"={ref}", "--embd-type", qt]))
     for ref, s in a.mixed_learned:  # the same plan with joint learning on its JLCM matrices
         rows.append((f"jlcm-mixed@{ref}-learn{s}", f"jlcm-mixed-{ref}-learn{s}.gguf",
                      ["--target-size", f"={ref}", "--learn-steps", s]))
@@ -149,6 +152,8 @@ def main() -> int:
                     "that row, e.g. jlcm-2bit,IQ2_XXS,Q2_K")
     ap.add_argument("--mixed-learned", default="", help="ROW:STEPS[,...]: a mixed-precision file at that row's "
                     "size with STEPS of joint learning, e.g. Q2_K:40")
+    ap.add_argument("--mixed-embd", default="", help="ROW:TYPE[,...]: a mixed-precision file at that row's size with "
+                    "the embeddings pinned to TYPE (--embd-type; the plan chooses the rest), e.g. Q4_K_M:q8_0")
     ap.add_argument("--reuse", type=Path, help="an earlier report of this script: its rows are taken from there "
                     "(marked †) instead of measured again; rows it lacks are measured")
     ap.add_argument("--fresh", default="", help="ROW[,...]: measure these even if --reuse has them")
@@ -163,6 +168,7 @@ def main() -> int:
     a.mixed = [r for r in a.mixed.split(",") if r]
     a.fresh = [r for r in a.fresh.split(",") if r]
     a.mixed_learned = [(r.split(":")[0], int(r.split(":")[1])) for r in a.mixed_learned.split(",") if r]
+    a.mixed_embd = [tuple(r.split(":")) for r in a.mixed_embd.split(",") if r]
     def pairs(arg: str) -> list[tuple[int, int]]:
         return [tuple(int(v) for v in item.split(":")) for item in arg.split(",") if item]
 
@@ -277,12 +283,16 @@ def main() -> int:
                          "calibration windows.)")
     mixed_ref = {f"jlcm-mixed@{ref}": ref for ref in a.mixed}
     mixed_ref.update({f"jlcm-mixed@{ref}-learn{s}": ref for ref, s in a.mixed_learned})
+    mixed_ref.update({f"jlcm-mixed@{ref}-embd-{qt}": ref for ref, qt in a.mixed_embd})
     mixed = [r for r in rows if r["name"] in mixed_ref]
     if mixed:
         lines += ["", "## Mixed precision (issue #6): a per-tensor plan at another row's size", "",
                   "`jlcm-convert --target-size BYTES` with BYTES the other row's file size: every weight matrix "
                   "gets JLCM 2/3/4-bit, Q5_0 or Q8_0 by the greedy search of docs/CONVERTER.md (k-means "
-                  "codebooks; rows ending in `-learnS` add `--learn-steps S`).", "",
+                  "codebooks; rows ending in `-learnS` add `--learn-steps S`; rows ending in `-embd-T` add "
+                  "`--embd-type T`, which pins the embeddings to T and plans the rest; every llama.cpp file "
+                  "above stores SmolLM2's tied embedding as Q8_0). Matrices in Q5_0/Q8_0 are quantized with the importance-"
+                  "weighted scale search of jlcm_gguf/standard.py (as `llama-quantize --imatrix` does).", "",
                   "| row | budget (bytes) | bytes | perplexity | row at that size | its perplexity | lower? |",
                   "|---|---:|---:|---:|---|---:|---|"]
         for r in mixed:

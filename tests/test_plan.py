@@ -178,6 +178,23 @@ def test_plan_from_gguf_reproduces_the_file(smollm2, mixed, tmp_path):
     assert again.read_bytes() == path.read_bytes()
 
 
+def test_pinned_embedding_type_with_saved_scores(smollm2, mixed, tmp_path):
+    """--embd-type with a budget keeps the embeddings at that type and plans the rest within the budget,
+    from the saved scores; a type the plan cannot store is one clear error."""
+    from gguf import GGUFReader
+    out, target = tmp_path / "pinned.gguf", 75_000_000  # JLCM 2-bit matrices with a Q8_0 embedding: ~62 MB
+    res = run(CONVERTER + [smollm2, "--outfile", out, "--plan", mixed[1], "--target-size", str(target),
+                           "--embd-type", "q8_0"] + SMALL, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "searching the scores saved" in res.stderr and out.stat().st_size <= target
+    plan = P.load_plan(out)
+    assert plan["token_embd.weight"] == "q8_0" and len(set(plan.values())) >= 3
+    assert {t.name: t.tensor_type.name for t in GGUFReader(str(out)).tensors}["token_embd.weight"] == "Q8_0"
+    res = run(CONVERTER + [smollm2, "--outfile", tmp_path / "bad.gguf", "--target-size", str(target),
+                           "--embd-type", "q4_0"] + SMALL)
+    assert res.returncode != 0 and "--embd-type must be one of" in error_line(res)
+
+
 def test_mixed_file_runs_in_llama_cpp(mixed, tmp_path):
     path = mixed[0]
     text = tmp_path / "t.txt"

@@ -1,7 +1,7 @@
 """Resumable conversions: after each transformer block, what the later blocks and the writer need.
 
 A folder next to the output (`OUT.gguf.jlcm-resume/`) holds, per finished block, its packed JLCM
-weights, the neighbours folding changed and its input Hessian diagonals (`block-NNN.npz`), and the quantized model's activations
+weights, its matrices stored in llama.cpp types and the neighbours folding changed (`block-NNN.npz`), and the quantized model's activations
 after the last finished block (`state.npz`, whose `done` counts the finished blocks). Every file is
 written to a temporary name and renamed, so a kill at any moment leaves a consistent folder. A
 fingerprint of the options, the calibration tokens and the input files guards against resuming with
@@ -57,9 +57,9 @@ class Checkpoint:
             return int(z["done"]), str(z["key"]) == self.key
 
     def save(self, bid: int, specs: dict, folded: dict, x_q: list, x_f: list | None,
-             hessians: dict | None = None) -> None:
-        """Block bid is finished: its JLCM specs, the tensors folding changed, its input Hessian diagonals
-        (the writer weights llama.cpp-type matrices by them), the activations after it."""
+             standard: dict | None = None) -> None:
+        """Block bid is finished: its JLCM specs, the raw bytes of its matrices in llama.cpp types, the
+        tensors folding changed, the activations after it."""
         self.dir.mkdir(exist_ok=True)
         arrays = {}
         for name, s in specs.items():
@@ -69,16 +69,16 @@ class Checkpoint:
             arrays[f"jlcm|{name}|bits"] = np.int64(s["bits"])
         for name, t in folded.items():
             arrays[f"tensor|{name}"] = t
-        for name, h in (hessians or {}).items():
-            arrays[f"hessian|{name}"] = h
+        for name, data in (standard or {}).items():
+            arrays[f"standard|{name}"] = data
         _save_npz(self.dir / f"block-{bid:03d}.npz", arrays)
         state = {"key": np.str_(self.key), "done": np.int64(bid + 1), "x_q": np.stack([x.numpy() for x in x_q])}
         if x_f is not None:
             state["x_f"] = np.stack([x.numpy() for x in x_f])
         _save_npz(self.dir / "state.npz", state)
 
-    def restore(self, jlcm: dict, tensors: dict, hessians: dict | None = None) -> tuple[int, list, list | None]:
-        """Loads the finished blocks into jlcm, tensors and hessians; returns (blocks done, x_q, x_f or None)."""
+    def restore(self, jlcm: dict, tensors: dict, standard: dict) -> tuple[int, list, list | None]:
+        """Loads the finished blocks into jlcm, tensors and standard; returns (blocks done, x_q, x_f or None)."""
         import torch
         with np.load(self.dir / "state.npz") as z:
             done = int(z["done"])
@@ -90,10 +90,9 @@ class Checkpoint:
                     kind, name, *field = key.split("|")
                     if kind == "tensor":
                         tensors[name] = z[key]
-                    elif kind == "hessian":
-                        if hessians is not None:
-                            hessians[name] = z[key]
-                    else:
+                    elif kind == "standard":
+                        standard[name] = z[key]
+                    elif kind == "jlcm":
                         spec = jlcm.setdefault(name, {"perm": None})
                         spec[field[0]] = int(z[key]) if field[0] == "bits" else z[key]
         return done, x_q, x_f

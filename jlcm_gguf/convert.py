@@ -243,7 +243,7 @@ def convert(opt: Options) -> dict:
         raise ConvertError(f"{ckpt.dir} is the checkpoint of a conversion with other options or input: "
                            "resume with the same ones, or delete that folder")
 
-    jlcm, hessians = quantize_blocks(tensors, hp, tokens, quantized, opt, ckpt)
+    jlcm, standard, hessians = quantize_blocks(tensors, hp, tokens, quantized, opt, ckpt)
     for name in ("token_embd.weight", "output.weight"):
         if name in quantized:
             embd_bits = int(opt.widths[name][4:])
@@ -255,7 +255,7 @@ def convert(opt: Options) -> dict:
                               codebooks=cb, bounds=ro.bounds, perm=ro.order)
 
     instance.ftype = gguf.LlamaFileType(F.FTYPE_IDS[layer_bits(opt.widths, tensors, opt.bits)])
-    summary = write_gguf(instance, order, tensors, jlcm, opt, tmp_out, hessians)
+    summary = write_gguf(instance, order, tensors, jlcm, opt, tmp_out, standard, hessians)
     ckpt.remove()
     summary["seconds"] = time.time() - t0
     summary["widths"] = dict(opt.widths)
@@ -360,11 +360,11 @@ def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: 
 
 
 def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: set[str],
-                    opt: Options, ckpt=None) -> tuple[dict, dict]:
+                    opt: Options, ckpt=None) -> tuple[dict, dict, dict]:
     """Block by block: input statistics from the quantized model's own activations (errors of earlier
     blocks included), group/fold, init, optional learning against the float block's output, pack.
-    Updates `tensors` with folded neighbours; returns the JLCM specs and the input Hessian diagonals
-    ('output': the head's input). With a checkpoint, each finished block is saved and a resumed run
+    Updates `tensors` with folded neighbours; returns the JLCM specs, the raw bytes of the layer matrices
+    the plan stores in llama.cpp types, and the input Hessian diagonals ('output': the head's input). With a checkpoint, each finished block is saved and a resumed run
     starts after the last one saved."""
     import torch
     from tqdm import tqdm
@@ -376,10 +376,11 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
     from .pack import assign, dequantize, pack_blocks
 
     jlcm: dict = {}
+    standard: dict = {}  # raw bytes of the layer matrices the plan stores in llama.cpp types
     hessians: dict = {}
     start = 0
     if ckpt is not None and ckpt.found():
-        start, x_q, x_f = ckpt.restore(jlcm, tensors, hessians)
+        start, x_q, x_f = ckpt.restore(jlcm, tensors, standard)
         x_f = x_f if x_f is not None else x_q
         log.info("resuming after block %d of %d from %s", start, hp.n_layer, ckpt.dir)
     else:
@@ -453,8 +454,13 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         for name in (f"blk.{bid}.{n}.weight" for n in M.LINEARS):
             kind = opt.widths.get(name) if opt.widths else None
             if kind and not kind.startswith("jlcm"):  # a llama.cpp type from the plan: its error propagates too
-                from .plan import standard_roundtrip
-                logical[name] = standard_roundtrip(tensors[name], kind, hessians.get(name.removesuffix(".weight")))
+                from gguf.quants import dequantize as dequantize_standard
+
+                from .plan import ggml_type
+                from .standard import importance, quantize_standard
+                qt = ggml_type(kind)
+                standard[name] = quantize_standard(tensors[name], qt, importance(name, hessians, tensors))
+                logical[name] = dequantize_standard(standard[name], qt).reshape(tensors[name].shape)
         qt = dict(tensors)
         qt.update(logical)
         with torch.inference_mode():
@@ -462,10 +468,10 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         x_f = y_f if y_f is not None else x_q
         if ckpt is not None:
             ckpt.save(bid, {n: jlcm[n] for n in specs}, folded, x_q, y_f,
-                      {k: v for k, v in hessians.items() if k.startswith(f"blk.{bid}.")})
+                      {k: v for k, v in standard.items() if k.startswith(f"blk.{bid}.")})
     moments = M.InputMoments()
     with torch.inference_mode():
         for x in x_q:
             moments("output", M.rms_norm(x, M.t(tensors["output_norm.weight"]), hp.rms_eps))
     hessians.update(moments.means(sum(len(x) for x in x_q)))
-    return jlcm, hessians
+    return jlcm, standard, hessians

@@ -102,14 +102,10 @@ def block_forward(x: torch.Tensor, tensors: dict, bid: int, hp: Hparams, observe
 
 
 def blocks_forward(xs: list, tensors: dict, bid: int, hp: Hparams, observe=None, batch: int = 8) -> list:
-    """block_forward over a list of windows, up to `batch` windows of equal length in one call."""
+    """block_forward over a list of windows of equal length (the calibration windows), `batch` in one call."""
     out = []
     for i in range(0, len(xs), batch):
-        chunk = xs[i:i + batch]
-        if len({tuple(x.shape) for x in chunk}) == 1:
-            out += list(block_forward(torch.stack(chunk), tensors, bid, hp, observe).unbind(0))
-        else:
-            out += [block_forward(x, tensors, bid, hp, observe) for x in chunk]
+        out += list(block_forward(torch.stack(xs[i:i + batch]), tensors, bid, hp, observe).unbind(0))
     return out
 
 

@@ -61,12 +61,16 @@ def choice_bytes(kind: str, rows: int, cols: int, groups: int, stored_perm: bool
     return tensor_bytes(rows, cols, int(kind[4:]), groups, stored_perm)
 
 
+def ggml_type(kind: str):
+    """gguf-py's GGMLQuantizationType of a llama.cpp choice (q5_0, q8_0)."""
+    from gguf import GGMLQuantizationType
+    return GGMLQuantizationType[STANDARD[kind][0]]
+
+
 def type_id(kind: str) -> int:
     """ggml type id of a choice (what the plan metadata stores)."""
-    from gguf import GGMLQuantizationType
-
     from .format import TYPE_IDS
-    return TYPE_IDS[int(kind[4:])] if kind.startswith("jlcm") else int(GGMLQuantizationType[STANDARD[kind][0]])
+    return TYPE_IDS[int(kind[4:])] if kind.startswith("jlcm") else int(ggml_type(kind))
 
 
 def kind_of_type(tid: int) -> str | None:
@@ -173,10 +177,8 @@ def plan_bytes(options: dict[str, list[Option]], bits: dict[str, str]) -> int:
 
 def standard_roundtrip(w: np.ndarray, kind: str, h: np.ndarray | None = None) -> np.ndarray:
     """w stored as Q5_0 / Q8_0 the way the writer stores it (h-weighted scales, standard.py) and read back."""
-    from gguf import GGMLQuantizationType
-
     from .standard import roundtrip
-    return roundtrip(w, GGMLQuantizationType[STANDARD[kind][0]], h)
+    return roundtrip(w, ggml_type(kind), h)
 
 
 def quick_error(w: np.ndarray, h: np.ndarray | None, kind: str, groups: int, variant: str, seed: int,

@@ -3,8 +3,8 @@ does rather than by gguf-py's reference code: each 32-weight block's scale is se
 importance-weighted squared error sum_j q_j (w_j - d L_j)^2 with q_j = h_j sqrt(sigma^2 + w_j^2) (h_j: the
 input's second moment, sigma^2: the row's mean square; llama.cpp's make_qx_quants weighting), instead of
 being the largest weight over the top level. Then every level is rounded again against the scale as stored
-(fp16) and the scale refitted, which can only lower that error. On SmolLM2 the weighted search is worth
-about a perplexity point at Q5_0 (llama-quantize: 23.98 with the imatrix, 25.14 without).
+(fp16) and the scale refitted, which can only lower that error. docs/results.md shows what it did to the
+mixed-precision rows.
 
 The bytes are the ggml block layouts (docs/FORMAT.md points to ggml-common.h); gguf-py dequantizes them.
 """

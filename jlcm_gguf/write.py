@@ -103,10 +103,12 @@ def verify_written(path, order: list[str], jlcm: dict) -> None:
             raise ConvertError(f"{path}: {name} did not read back as written")
 
 
-def write_gguf(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_out, hessians: dict | None = None) -> dict:
+def write_gguf(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_out, standard: dict | None = None,
+               hessians: dict | None = None) -> dict:
     """Entry point of the write step: every tensor in the converter's order, JLCM ones with companions,
-    the others in llama.cpp types (Q4_0/Q5_0/Q8_0 weighted by `hessians`, standard.py), the metadata of the
-    vendored converter plus jlcm.*; written to tmp_out, re-read, renamed. On any
+    the others in llama.cpp types (`standard`: raw bytes already quantized; others Q4_0/Q5_0/Q8_0 weighted
+    by `hessians`, standard.py), the metadata of the vendored converter plus jlcm.*; written to tmp_out,
+    re-read, renamed. On any
     failure (a full disk included) the temporary file is removed and the output name stays untouched."""
     from .convert import ConvertError
 
@@ -116,7 +118,7 @@ def write_gguf(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_o
     if free < need:
         raise ConvertError(f"{Path(tmp_out).parent} has {free:,} bytes free, the output needs about {need:,}")
     try:
-        summary = _write_and_verify(instance, order, tensors, jlcm, opt, tmp_out, hessians or {})
+        summary = _write_and_verify(instance, order, tensors, jlcm, opt, tmp_out, standard or {}, hessians or {})
     except OSError as e:
         Path(tmp_out).unlink(missing_ok=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -130,7 +132,7 @@ def write_gguf(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_o
 
 
 def _add_tensors(writer, order: list[str], tensors: dict, jlcm: dict, opt, kinds: dict | None,
-                 dry: bool = False, hessians: dict | None = None) -> tuple[int, int, int]:
+                 dry: bool = False, standard: dict | None = None, hessians: dict | None = None) -> tuple[int, int, int]:
     """Every tensor in the converter's order into the writer; (weights, JLCM weights, JLCM bytes). dry: only
     names, shapes and types matter (np.empty data is never touched), for predict_bytes."""
     from gguf.quants import quant_shape_to_byte_shape
@@ -158,7 +160,9 @@ def _add_tensors(writer, order: list[str], tensors: dict, jlcm: dict, opt, kinds
             elif dry:
                 data = np.empty(quant_shape_to_byte_shape(arr.shape, qt), dtype=np.uint8)
             else:
-                data = quantize_standard(arr, qt, importance(name, hessians or {}, tensors))
+                data = (standard or {}).get(name)
+                if data is None:
+                    data = quantize_standard(arr, qt, importance(name, hessians or {}, tensors))
             writer.add_tensor(name, data, raw_dtype=qt)
             if arr.ndim > 1 and not dry:
                 log.info("%-32s %-9s %s (not covered by JLCM)", name, "x".join(map(str, arr.shape[::-1])), qt.name)
@@ -244,9 +248,11 @@ def predict_bytes(instance, order: list[str], tensors: dict, jlcm_shapes: dict, 
             q.setLevel(lv)
 
 
-def _write_and_verify(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_out, hessians: dict) -> dict:
+def _write_and_verify(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_out, standard: dict,
+                      hessians: dict) -> dict:
     writer = instance.gguf_writer
-    n_weights, n_weights_jlcm, bytes_jlcm = _add_tensors(writer, order, tensors, jlcm, opt, opt.widths, hessians=hessians)
+    n_weights, n_weights_jlcm, bytes_jlcm = _add_tensors(writer, order, tensors, jlcm, opt, opt.widths,
+                                                         standard=standard, hessians=hessians)
     _add_metadata(instance, opt.widths, opt)
     expected = file_bytes(writer)
     writer.write_header_to_file(path=tmp_out)

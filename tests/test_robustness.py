@@ -62,7 +62,7 @@ def small(smollm2, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def resume_args(tmp_path_factory) -> list:
     """FAST with a plan that stores two of block 0's matrices as Q5_0: a resumed run must write them from
-    block 0's saved input statistics exactly as the uninterrupted run does."""
+    block 0's checkpoint exactly as the uninterrupted run does."""
     from jlcm_gguf import plan as P
     from jlcm_gguf.model import LINEARS
     kinds = {f"blk.{b}.{n}.weight": "jlcm2" for b in range(N_LAYER) for n in LINEARS}

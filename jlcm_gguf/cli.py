@@ -36,7 +36,8 @@ def parse_args(argv=None) -> Options:
                         "file with a --target-size or --target-bpw is searched again from its saved scores")
     budget.add_argument("--save-plan", type=Path, help="write the plan used as JSON")
     budget.add_argument("--fast", action="store_true",
-                        help="plan from the weights' reconstruction error only, without running the model per tensor")
+                        help="plan with each tensor's KL estimated from the Fisher information of a few calibration windows "
+                             "instead of measured by running the model once per tensor")
     ap.add_argument("--rotate", action="store_true",
                     help="fold a randomized Hadamard rotation of the residual stream into the weights (same function, "
                          "fewer outliers)")

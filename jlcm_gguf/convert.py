@@ -54,7 +54,7 @@ class Options:
     plan: Path | None = None   # --plan: widths from a JSON plan or a JLCM GGUF's metadata
     save_plan: Path | None = None
     rotate: bool = False       # --rotate: randomized Hadamard rotation of the residual stream (rotate.py)
-    fast: bool = False         # --fast: float16 weights in memory, one k-means pass, plan without KL measurement
+    fast: bool = False         # --fast: float16 weights in memory, one k-means pass, plan with the Fisher estimate of the KL
     embd_pinned: bool = False  # --embd-type given with a size budget or plan: the embeddings keep that type
     widths: dict | None = None  # set by convert: how each weight matrix is stored (plan.CHOICES)
 

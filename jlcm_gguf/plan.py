@@ -7,8 +7,10 @@ converter's own quantizer (grouping + one k-means pass; gguf-py's for Q5_0/Q8_0)
 squared error the tensor adds to its output. The error only ranks the widths of one tensor; how much the
 tensor matters for the model is measured: the KL divergence of the output distribution from the float
 model's when that tensor alone is at its lowest width (JLCM 2-bit). The score of a choice is that KL scaled
-by e(choice) / e(lowest), an estimate of the KL the tensor adds stored that way. (`fast=True`: the raw
-error of a sample of rows, no measurement; for models too large to run once per tensor.)
+by e(choice) / e(lowest), an estimate of the KL the tensor adds stored that way. (`fast=True`, for models
+too large to run once per tensor: errors of a sample of rows, and the KL estimated to second order,
+KL ~ 1/2 sum_ij F_ij (w_ij - q_ij)^2 per token, from the Fisher information F of a few calibration windows
+(fisher_marginals: one forward and backward pass per window for all tensors together).)
 
 Search: each tensor's (bytes, score) options are reduced to their lower convex hull (fewer bytes always
 cost score, and each further step down costs more score per byte than the one before), so all moves of all
@@ -36,9 +38,11 @@ WIDTHS = (2, 3, 4)
 STANDARD = {"q5_0": ("Q5_0", 22), "q8_0": ("Q8_0", 34)}  # gguf type name, bytes per 32 weights
 GRID = 2048      # evenly spaced budgets the search also fills for (see walk)
 FAST_ROWS = 1024  # --fast scores a sample of this many rows per matrix
+FISHER_WINDOWS = 8  # --fast estimates each tensor's KL from the Fisher information of this many windows
 ALIGNMENT = 32  # gguf-py pads every tensor's data to this
 PLAN_FORMAT = "jlcm-plan"
-SCORER = 2  # saved scores of another scorer are refused (2: Q5_0/Q8_0 errors of the h-weighted quantizer)
+SCORER = 3  # saved scores of another scorer are refused (2: Q5_0/Q8_0 errors of the h-weighted quantizer;
+            # 3: --fast estimates the KL from the Fisher information instead of using the raw error)
 
 
 class PlanError(ValueError):
@@ -203,6 +207,78 @@ def quick_error(w: np.ndarray, h: np.ndarray | None, kind: str, groups: int, var
     return float((((w - q).astype(np.float64) ** 2).sum(0) * hw).sum()), q
 
 
+
+def fisher_marginals(tensors: dict, hp, tokens: np.ndarray, names, seed: int,
+                     windows: int = FISHER_WINDOWS) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Row and column sums (float64) of the diagonal Fisher information of each tensor in `names`, from
+    the squared gradient of each calibration window's log-likelihood. The labels are sampled from the
+    model's own output, so the gradients of different positions are uncorrelated in expectation and the
+    window's squared gradient estimates the Fisher summed over its tokens, the Hessian of the KL divergence
+    from the float model. One forward and one backward pass per window, one block at a time (the backward
+    pass recomputes each block from its saved input), so memory stays at one block's."""
+    import torch
+
+    from . import model as M
+
+    wanted = set(names)
+    rows: dict[str, torch.Tensor] = {}
+    cols: dict[str, torch.Tensor] = {}
+
+    def add(name: str, g: torch.Tensor) -> None:
+        g2 = g.double().pow(2)
+        r, c = g2.sum(1), g2.sum(0)
+        rows[name], cols[name] = (rows[name] + r, cols[name] + c) if name in rows else (r, c)
+
+    def with_leaves(keys):
+        leaves = {k: M.t(tensors[k]).float().clone().requires_grad_() for k in keys if k in tensors}
+        return {**tensors, **leaves}, leaves
+
+    from tqdm import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    out_name = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    for seq in tqdm(tokens[:windows], desc="Fisher information", unit="window"):
+        seq = torch.as_tensor(np.asarray(seq), dtype=torch.long)
+        with torch.no_grad():
+            xs = [M.embed(seq, tensors)]
+            for bid in range(hp.n_layer):
+                xs.append(M.block_forward(xs[-1], tensors, bid, hp))
+        x = xs[-1].clone().requires_grad_()
+        t_head, leaves = with_leaves([out_name])
+        logits = M.head(x, t_head, hp)
+        labels = torch.multinomial(torch.softmax(logits.detach().double(), -1), 1, generator=gen)[:, 0]
+        torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+        g_out, gy = leaves[out_name].grad, x.grad
+        del logits, t_head, leaves
+        for bid in reversed(range(hp.n_layer)):
+            x = xs[bid].clone().requires_grad_()
+            t_blk, leaves = with_leaves(f"blk.{bid}.{n}.weight" for n in M.LINEARS)
+            M.block_forward(x, t_blk, bid, hp).backward(gy)
+            for k, leaf in leaves.items():
+                if k in wanted:
+                    add(k, leaf.grad)
+            gy = x.grad
+            del t_blk, leaves
+        g_embd = torch.zeros(tensors["token_embd.weight"].shape, dtype=torch.float32)
+        g_embd.index_add_(0, seq, gy)
+        if out_name == "token_embd.weight":  # tied: one tensor, both uses
+            g_embd += g_out
+        elif out_name in wanted:
+            add(out_name, g_out)
+        if "token_embd.weight" in wanted:
+            add("token_embd.weight", g_embd)
+        del g_embd, g_out, xs
+    return {k: (rows[k].numpy(), cols[k].numpy()) for k in rows}
+
+
+def fisher_error(w: np.ndarray, q: np.ndarray, marginals: tuple[np.ndarray, np.ndarray]) -> float:
+    """sum_ij F_ij (w_ij - q_ij)^2 with the Fisher diagonal approximated by the outer product of its row and
+    column sums (over their total)."""
+    r, c = marginals
+    d2 = (w - q).astype(np.float64) ** 2
+    return float(r @ (d2 @ c)) / max(float(r.sum()), 1e-300)
+
+
 def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple[int, bool]], groups: int,
                   variant: str, seed: int, fast: bool = False, kl_windows: int = 2,
                   choices: tuple[str, ...] = CHOICES) -> dict[str, list[Option]]:
@@ -256,13 +332,18 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
 
     from .group import group_rows, row_profiles
 
+    if fast:
+        marginals = fisher_marginals(tensors, hp, tokens, layout, seed)
+        fisher_tokens = sum(len(s) for s in tokens[:FISHER_WINDOWS])
     options: dict[str, list[Option]] = {}
     rng = np.random.default_rng(seed)
     for name in tqdm(sorted(layout, key=_natural), desc="scoring widths", unit="tensor"):
         w = np.asarray(tensors[name], dtype=np.float32)
         rows_all = w.shape[0]
+        sample = slice(None)
         if fast and rows_all > FAST_ROWS:  # the error of a row sample, scaled to the whole matrix
-            w = w[np.sort(rng.choice(rows_all, FAST_ROWS, replace=False))]
+            sample = np.sort(rng.choice(rows_all, FAST_ROWS, replace=False))
+            w = w[sample]
         n_groups, stored = layout[name]
         kinds = [k for k in choices if k in STANDARD and w.shape[1] % 32 == 0 or k not in STANDARD]
         grouping = group_rows(row_profiles(w, h_of(name)), n_groups, seed)
@@ -271,11 +352,12 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
             errs[kind], q = quick_error(w, h_of(name), kind, n_groups, variant, seed, grouping)
             if lowest is None:
                 lowest = q
-        if fast:
-            scale = 1.0
+        if fast:  # the second-order estimate of that KL: half the Fisher-weighted squared error per token
+            r, c = marginals[name]
+            kl = 0.5 * fisher_error(w, lowest, (r[sample], c)) / fisher_tokens
         else:
             kl = kl_with(name, lowest)
-            scale = max(kl, 0.0) / max(errs[kinds[0]], 1e-30)
+        scale = max(kl, 0.0) / max(errs[kinds[0]], 1e-30)
         scale *= rows_all / w.shape[0]
         options[name] = [Option(k, choice_bytes(k, rows_all, w.shape[1], n_groups, stored), errs[k] * scale)
                          for k in kinds]

@@ -254,3 +254,25 @@ def test_companion_layout_matches_fold(smollm2_float, drop):
         res = fold_layer(tensors, {}, 0, hp, groups, 0, quantized)
         for name, ro in res.orders.items():
             assert companion_layout(name, tensors[name].shape[0], hp, groups, quantized) == (len(ro.bounds), ro.stored)
+
+
+def test_fisher_estimate_tracks_the_measured_kl(smollm2, smollm2_float):
+    """--fast scores a tensor by the second-order (Fisher) estimate of the KL it adds at its lowest width; the
+    default measures that KL. Across tensors of different kinds and depths the two must agree in order and,
+    roughly, in size."""
+    from transformers import AutoTokenizer
+
+    from jlcm_gguf.calib import calibration_tokens, default_calibration_text
+    tensors, _, hp = smollm2_float
+    names = [f"blk.{b}.{n}.weight" for b in (0, 14, 29) for n in ("attn_q", "attn_v", "ffn_up", "ffn_down")]
+    layout = {n: (4, True) for n in names}
+    tokens = calibration_tokens(default_calibration_text(), AutoTokenizer.from_pretrained(str(smollm2)),
+                                P.FISHER_WINDOWS, 128, 0)
+    measured = P.score_options(tensors, hp, tokens, layout, 4, "codebooks", 0, kl_windows=P.FISHER_WINDOWS)
+    estimated = P.score_options(tensors, hp, tokens, layout, 4, "codebooks", 0, fast=True)
+    kl = np.array([measured[n][0].score for n in names])
+    est = np.array([estimated[n][0].score for n in names])
+    rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+    assert np.corrcoef(rank(kl), rank(est))[0, 1] > 0.8, (kl, est)
+    ratio = est / kl
+    assert np.all((ratio > 0.4) & (ratio < 2.5)), ratio

@@ -20,7 +20,7 @@ import numpy as np
 
 SUFFIX = ".jlcm-resume"
 FINGERPRINT_OPTIONS = ("bits", "groups", "variant", "embd_type", "nsamples", "seqlen", "seed", "learn_steps",
-                       "plain_ste", "widths", "rotate", "fast")
+                       "plain_ste", "widths", "rotate", "fast", "rounding")
 
 
 def fingerprint(opt, tokens: np.ndarray) -> str:

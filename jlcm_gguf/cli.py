@@ -27,6 +27,9 @@ def parse_args(argv=None) -> Options:
     ap.add_argument("--learn-steps", type=int, default=0,
                     help="Adam steps of joint codebook/mapping learning per transformer block (0: none; see docs/ALGORITHM.md)")
     ap.add_argument("--no-learn", action="store_true", help="k-means codebooks only (no learning)")
+    ap.add_argument("--rounding", choices=["gptq", "nearest"], default="gptq",
+                    help="how layer weights take their codewords: gptq (column by column, each error compensated on the "
+                         "columns not yet rounded through the full input Hessian) or nearest (each weight alone)")
     ap.add_argument("--plain-ste", action="store_true", help="plain straight-through mapping gradient (ablation)")
     budget = ap.add_argument_group("size budget (per-tensor mixed precision, docs/ALGORITHM.md)")
     budget.add_argument("--target-size", help="largest file size, e.g. 2.0GB (10^9 bytes), 80MB, 1.5GiB or bytes; "
@@ -60,7 +63,7 @@ def parse_args(argv=None) -> Options:
     outfile = a.outfile or a.model / f"{a.model.name}-jlcm{a.bits}.gguf"
     return Options(model=a.model, outfile=outfile, bits=a.bits, groups=a.groups, variant=a.variant,
                    embd_type=a.embd_type or "jlcm4", embd_pinned=a.embd_type is not None, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                   threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, plain_ste=a.plain_ste,
+                   threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, plain_ste=a.plain_ste, rounding=a.rounding,
                    resume=a.resume, target_bytes=target_bytes, target_bpw=a.target_bpw or 0.0, plan=a.plan,
                    save_plan=a.save_plan, fast=a.fast, rotate=a.rotate)
 

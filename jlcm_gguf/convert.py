@@ -47,6 +47,7 @@ class Options:
     seed: int = 0
     threads: int = 0
     learn_steps: int = 0       # 0: k-means codebooks only (--no-learn)
+    rounding: str = "gptq"     # layer weights onto their codebooks: "gptq" (full input Hessian, gptq.py) or "nearest"
     plain_ste: bool = False
     resume: bool = False       # continue an interrupted conversion from its last finished block
     target_bytes: int = 0      # --target-size: the file fits in this many bytes (a per-tensor plan, plan.py)
@@ -371,6 +372,7 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
 
     from . import model as M
     from .fold import fold_layer
+    from .gptq import assign_gptq
     from .init import init_codebooks
     from .learn import finalize, learn_block, make_param
     from .pack import assign, dequantize, pack_blocks
@@ -389,12 +391,15 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         x_f = list(x_q)
     bar = tqdm(range(start, hp.n_layer), total=hp.n_layer, initial=start, desc="JLCM layers", unit="layer")
     for bid in bar:
-        moments = M.InputMoments()
+        gptq = opt.rounding == "gptq" and any(n.startswith(f"blk.{bid}.") for n in quantized)
+        moments = M.InputHessians() if gptq else M.InputMoments()
         with torch.inference_mode():
             M.blocks_forward(x_q, tensors, bid, hp, moments)
             y_f = M.blocks_forward(x_f, tensors, bid, hp) if opt.learn_steps else None
         count = sum(len(x) for x in x_q)
         hessians.update(moments.means(count))
+        full = moments.matrices(count) if gptq else {}  # this block's only: one block's memory
+        del moments
 
         res = fold_layer(tensors, hessians, bid, hp, opt.groups, opt.seed + bid, quantized)
         # what a resumed run needs besides the packed weights: unquantized tensors the folds changed
@@ -407,8 +412,14 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
             w = tensors[name]
             bits = int(opt.widths[name][4:])
             cb = init_codebooks(w, h, ro.bounds, bits, opt.variant, opt.seed, **fast_init(opt))
-            idx, d = assign(w, bits, cb, ro.bounds, h)
+            H = full.get(name.removesuffix(".weight"))
+            if H is None:
+                idx, d = assign(w, bits, cb, ro.bounds, h)
+            else:
+                col = res.columns.get(name)  # the fold's column order, which h already follows
+                idx, d = assign_gptq(w, bits, cb, ro.bounds, H if col is None else H[np.ix_(col, col)])
             specs[name] = dict(idx=idx, d=d, cb=cb, ro=ro)
+        full.clear()
 
         if opt.learn_steps:
             params = {n: make_param(n, s["idx"], s["d"], s["cb"], s["ro"].bounds) for n, s in specs.items()}

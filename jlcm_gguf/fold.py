@@ -32,6 +32,7 @@ class FoldResult:
     tensors: dict                              # matrices in stored row order, neighbours folded
     hessians: dict                             # input Hessian diagonals, columns in the new order
     orders: dict = field(default_factory=dict)  # weight name -> RowOrder
+    columns: dict = field(default_factory=dict)  # weight name -> the column order folded into it
 
 
 def _own(w: np.ndarray, h, n_groups: int, seed: int, stored: bool = True) -> RowOrder:
@@ -57,6 +58,7 @@ def fold_layer(tensors: dict, hessians: dict, bid: int, hp: Hparams, n_groups: i
         ro = RowOrder(order, bounds, stored=False)
         t[W("ffn_gate")], t[W("ffn_up")] = t[W("ffn_gate")][order], t[W("ffn_up")][order]
         t[W("ffn_down")] = t[W("ffn_down")][:, order]
+        res.columns[W("ffn_down")] = order
         if p + "ffn_down" in hs:
             hs[p + "ffn_down"] = hs[p + "ffn_down"][order]
         res.orders[W("ffn_gate")] = res.orders[W("ffn_up")] = ro
@@ -80,6 +82,7 @@ def fold_layer(tensors: dict, hessians: dict, bid: int, hp: Hparams, n_groups: i
         rep = hp.n_head // hp.n_head_kv
         col = np.concatenate([qh * hd + (orders[qh // rep] - (qh // rep) * hd) for qh in range(hp.n_head)])
         t[W("attn_output")] = t[W("attn_output")][:, col]
+        res.columns[W("attn_output")] = col
         if p + "attn_output" in hs:
             hs[p + "attn_output"] = hs[p + "attn_output"][col]
         res.orders[W("attn_v")] = RowOrder(order, np.asarray(bounds, dtype=np.int32), stored=False)

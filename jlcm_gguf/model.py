@@ -74,6 +74,33 @@ class InputMoments:
         return {k: (v / count).numpy() for k, v in self.sums.items()}
 
 
+class InputHessians(InputMoments):
+    """InputMoments that also sums each linear's full input second-moment matrix x xᵀ (float64) for
+    GPTQ rounding; linears reading the same input (q/k/v, gate/up) share one matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.full: dict[str, torch.Tensor] = {}
+        self._last: tuple = (None, None)
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        super().__call__(name, x)
+        if self._last[0] is x:
+            self.full[name] = self.full[self._last[1]]
+            return
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        s = (x2.T @ x2).double()  # float32 products of one batch, summed over batches in float64
+        self.full[name] = self.full[name] + s if name in self.full else s
+        self._last = (x, name)
+
+    def matrices(self, count: int) -> dict[str, np.ndarray]:
+        done: dict[int, np.ndarray] = {}
+        for v in self.full.values():
+            if id(v) not in done:
+                done[id(v)] = (v / count).numpy()
+        return {k: done[id(v)] for k, v in self.full.items()}
+
+
 def block_forward(x: torch.Tensor, tensors: dict, bid: int, hp: Hparams, observe=None) -> torch.Tensor:
     """One transformer block on x [..., seq, n_embd] (leading dimensions: independent windows).
     observe(name, input) sees each linear's input."""

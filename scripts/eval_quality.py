@@ -47,7 +47,8 @@ def row_specs(a, learned, ablations) -> list[tuple[str, str, list]]:
                  (f"jlcm-{b}bit-learn{s}-plain-ste", f"jlcm{b}-learn{s}-plainste.gguf",
                   ["--bits", b, "--learn-steps", s, "--plain-ste"]),
                  (f"jlcm-{b}bit-groups1", f"jlcm{b}-groups1.gguf", ["--bits", b, "--groups", 1]),
-                 (f"jlcm-{b}bit-scales", f"jlcm{b}-scales.gguf", ["--bits", b, "--variant", "scales"])]
+                 (f"jlcm-{b}bit-scales", f"jlcm{b}-scales.gguf", ["--bits", b, "--variant", "scales"]),
+                 (f"jlcm-{b}bit-nearest", f"jlcm{b}-nearest.gguf", ["--bits", b, "--rounding", "nearest"])]
     for ref in a.mixed:  # issue #6: a per-tensor plan at another row's size
         rows.append((f"jlcm-mixed@{ref}", f"jlcm-mixed-{ref}.gguf", ["--target-size", f"={ref}"]))
     for ref, qt in a.mixed_embd:  # the same budget with the embeddings pinned to a type
@@ -57,6 +58,8 @@ def row_specs(a, learned, ablations) -> list[tuple[str, str, list]]:
         rows.append((f"jlcm-mixed@{ref}-learn{s}", f"jlcm-mixed-{ref}-learn{s}.gguf",
                      ["--target-size", f"={ref}", "--learn-steps", s]))
     rows += [(f"jlcm-{b}bit-rotated", f"jlcm{b}-rot.gguf", ["--bits", b, "--rotate"]) for b in a.rotated]
+    rows += [(f"jlcm-{b}bit-nearest", f"jlcm{b}-nearest.gguf", ["--bits", b, "--rounding", "nearest"])
+             for b in a.nearest]
     seen, out = set(), []
     for r in rows:
         if r[0] not in seen:
@@ -151,6 +154,8 @@ def main() -> int:
     ap.add_argument("--ablations", default="", help="BITS:STEPS[,...]: the learned row and its ablations (plain "
                     "STE mapping gradient, one group, the scales variant) next to the k-means row of those bits")
     ap.add_argument("--rotated", default="", help="JLCM bit widths to convert with --rotate as well")
+    ap.add_argument("--nearest", default="", help="JLCM bit widths to convert with --rounding nearest as well "
+                    "(each weight to its nearest codeword instead of GPTQ rounding)")
     ap.add_argument("--mixed", default="", help="ROW[,...]: a mixed-precision file (--target-size) at the size of "
                     "that row, e.g. jlcm-2bit,IQ2_XXS,Q2_K")
     ap.add_argument("--mixed-learned", default="", help="ROW:STEPS[,...]: a mixed-precision file at that row's "
@@ -170,6 +175,7 @@ def main() -> int:
     text = a.eval_text or wikitext_test(a.out)
     a.jlcm = [int(b) for b in a.jlcm.split(",") if b]
     a.rotated = [int(b) for b in a.rotated.split(",") if b]
+    a.nearest = [int(b) for b in a.nearest.split(",") if b]
     a.mixed = [r for r in a.mixed.split(",") if r]
     a.fresh = [r for r in a.fresh.split(",") if r]
     a.mixed_learned = [(r.split(":")[0], int(r.split(":")[1])) for r in a.mixed_learned.split(",") if r]
@@ -235,7 +241,8 @@ def main() -> int:
         f"`{text.name if a.eval_text else 'WikiText-2 test (../shared, LF line endings)'}`. llama.cpp's types are made "
         f"with `llama-quantize --imatrix`, the imatrix from `llama-imatrix` on {a.imatrix_chunks} × 512 tokens of the "
         "calibration text (King James "
-        "Bible); JLCM files with `jlcm-convert --bits N` (k-means codebooks, 16 groups; rows named `-learnS` add "
+        "Bible); JLCM files with `jlcm-convert --bits N` (k-means codebooks, 16 groups, GPTQ rounding of the layer "
+        "matrices; rows named `-learnS` add "
         "`--learn-steps S`, the joint codebook and proximal mapping learning of docs/ALGORITHM.md) on the same "
         "text" + (f", every conversion with `{a.convert_args}`" if a.convert_args else "") + ". "
         + ("At SmolLM2's width of 576 llama.cpp's 256-wide types fall back to 32-wide ones for most tensors "
@@ -277,13 +284,14 @@ def main() -> int:
         lines.append(f"- half the gap at {t}'s size: ppl ≤ {goal:.2f} needed; {verdict}")
     for b, st in pairs(a.ablations):
         names = [f"jlcm-{b}bit", f"jlcm-{b}bit-learn{st}", f"jlcm-{b}bit-learn{st}-plain-ste", f"jlcm-{b}bit-groups1",
-                 f"jlcm-{b}bit-scales"]
+                 f"jlcm-{b}bit-scales", f"jlcm-{b}bit-nearest"]
         present = [n for n in names if n in by]
         lines += ["", f"## Ablation at {b} bits (same file size; perplexity)", "",
                   "| row | what changes | perplexity |", "|---|---|---:|"]
-        what = {names[0]: "k-means codebooks, 16 groups, no learning", names[1]: f"+ {st} steps of joint learning, "
-                "proximal mapping update", names[2]: f"+ {st} steps, plain straight-through mapping gradient",
-                names[3]: "k-means, one codebook per tensor", names[4]: "k-means, one codebook with a scale per group"}
+        what = {names[0]: "k-means codebooks, 16 groups, GPTQ rounding, no learning", names[1]: f"+ {st} steps of "
+                "joint learning, proximal mapping update", names[2]: f"+ {st} steps, plain straight-through mapping "
+                "gradient", names[3]: "k-means, one codebook per tensor", names[4]: "k-means, one codebook with a "
+                "scale per group", names[5]: "k-means, each weight rounded to its nearest codeword (no GPTQ)"}
         for n in present:
             lines.append(f"| {n} | {what[n]} | {by[n]['ppl']:.3f} ± {by[n]['ppl_err']:.3f} |")
         if names[1] in by and names[0] in by and names[2] in by:
@@ -323,6 +331,17 @@ def main() -> int:
             plain = by.get(f"jlcm-{b}")
             lines.append(f"| {b[:-3]} | {plain['bytes']:,} | {plain['ppl']:.3f} | {r['bytes']:,} | {r['ppl']:.3f} |"
                          if plain else f"| {b[:-3]} | | | {r['bytes']:,} | {r['ppl']:.3f} |")
+    nearest = [r for r in rows if r["name"].endswith("bit-nearest") and r["name"].removesuffix("-nearest") in by]
+    if nearest:
+        lines += ["", "## GPTQ rounding against nearest rounding", "",
+                  "The same k-means codebooks; block scales and indices either by GPTQ rounding through each "
+                  "linear's full input Hessian (the default, docs/CONVERTER.md) or with each weight at its nearest "
+                  "codeword (`--rounding nearest`).", "",
+                  "| bits | bytes | nearest | GPTQ | ratio |", "|---:|---:|---:|---:|---:|"]
+        for r in nearest:
+            g = by[r["name"].removesuffix("-nearest")]
+            lines.append(f"| {r['name'].split('-')[1][:-3]} | {g['bytes']:,} | {r['ppl']:.3f} ± {r['ppl_err']:.3f} | "
+                         f"{g['ppl']:.3f} ± {g['ppl_err']:.3f} | {g['ppl'] / r['ppl']:.2f} |")
     if convert_s:
         lines += ["", f"## Conversion time ({a.threads} threads, this run)", "",
                   "Wall time of each `jlcm-convert` this run did (files already in `--out` are not converted again; "

@@ -40,7 +40,11 @@ def test_folding_keeps_logits(smollm2_tensors):
     folded, hess = dict(t64), {}
     permutations = 0
     for bid in range(hp.n_layer):
+        before = dict(folded)
         res = fold_layer(folded, hess, bid, hp, 8, bid, quantized)
+        assert len(res.columns) == 2  # the column orders GPTQ rounding applies to the input Hessian
+        for name, col in res.columns.items():
+            assert np.array_equal(logical(res.tensors[name], res.orders[name].order), before[name][:, col])
         folded.update(res.tensors)
         for name, ro in res.orders.items():
             assert np.array_equal(np.sort(ro.order), np.arange(len(ro.order)))

@@ -23,8 +23,10 @@ def inverse_cholesky(H: np.ndarray, damp: float) -> torch.Tensor:
     dead = torch.diagonal(H) <= 0
     H[dead, dead] = 1.0
     H += torch.eye(len(H), dtype=H.dtype) * damp * torch.diagonal(H).mean()
-    L = torch.linalg.cholesky(H)
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    # with J the reversal and J H J = M Mᵀ, H⁻¹ = Uᵀ U for the upper triangular U = J M⁻¹ J: one Cholesky
+    # and one triangular solve instead of forming H⁻¹ and factoring it again
+    M = torch.linalg.cholesky(H.flip(0, 1))
+    return torch.linalg.solve_triangular(M, torch.eye(len(H), dtype=H.dtype), upper=False).flip(0, 1)
 
 
 def assign_gptq(w: np.ndarray, bits: int, cb: np.ndarray, bounds: np.ndarray | None, H: np.ndarray,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jlcm_gguf import model as M
-from jlcm_gguf.gptq import assign_gptq
+from jlcm_gguf.gptq import assign_gptq, inverse_cholesky
 from jlcm_gguf.group import group_rows, row_profiles
 from jlcm_gguf.init import init_codebooks
 from jlcm_gguf.pack import assign, lookup
@@ -80,3 +80,16 @@ def test_input_hessians_diagonal_and_sharing():
     assert full["k"] is full["q"]
     for k in full:
         np.testing.assert_allclose(np.diag(full[k]), diag[k], rtol=1e-5)
+
+
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((50, 40))
+    H = x.T @ x / 50
+    H[5, :] = H[:, 5] = 0  # a dead input
+    U = inverse_cholesky(H, 0.1).numpy()
+    Hd = H.copy()
+    Hd[5, 5] = 1
+    Hd += 0.1 * np.mean(np.diag(Hd)) * np.eye(40)
+    assert np.allclose(np.triu(U), U) and np.all(np.diag(U) > 0)
+    np.testing.assert_allclose(U.T @ U, np.linalg.inv(Hd), rtol=1e-9, atol=1e-12)

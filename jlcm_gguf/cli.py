@@ -27,9 +27,10 @@ def parse_args(argv=None) -> Options:
     ap.add_argument("--learn-steps", type=int, default=0,
                     help="Adam steps of joint codebook/mapping learning per transformer block (0: none; see docs/ALGORITHM.md)")
     ap.add_argument("--no-learn", action="store_true", help="k-means codebooks only (no learning)")
-    ap.add_argument("--rounding", choices=["gptq", "nearest"], default="gptq",
+    ap.add_argument("--rounding", choices=["auto", "gptq", "nearest"], default="auto",
                     help="how layer weights take their codewords: gptq (column by column, each error compensated on the "
-                         "columns not yet rounded through the full input Hessian) or nearest (each weight alone)")
+                         "columns not yet rounded through the full input Hessian), nearest (each weight alone), or auto "
+                         "(default: gptq for 2- and 3-bit matrices, nearest for 4-bit ones)")
     ap.add_argument("--plain-ste", action="store_true", help="plain straight-through mapping gradient (ablation)")
     budget = ap.add_argument_group("size budget (per-tensor mixed precision, docs/ALGORITHM.md)")
     budget.add_argument("--target-size", help="largest file size, e.g. 2.0GB (10^9 bytes), 80MB, 1.5GiB or bytes; "

@@ -47,7 +47,8 @@ class Options:
     seed: int = 0
     threads: int = 0
     learn_steps: int = 0       # 0: k-means codebooks only (--no-learn)
-    rounding: str = "gptq"     # layer weights onto their codebooks: "gptq" (full input Hessian, gptq.py) or "nearest"
+    rounding: str = "auto"     # layer weights onto codebooks: "gptq" (full input Hessian, gptq.py), "nearest", or
+                               # "auto": gptq up to 3 bits, nearest at 4 (docs/results-gptq.md)
     plain_ste: bool = False
     resume: bool = False       # continue an interrupted conversion from its last finished block
     target_bytes: int = 0      # --target-size: the file fits in this many bytes (a per-tensor plan, plan.py)
@@ -263,6 +264,13 @@ def convert(opt: Options) -> dict:
     return summary
 
 
+def gptq_rounding(opt: Options, name: str) -> bool:
+    """Whether a layer matrix planned as JLCM takes GPTQ rounding. "auto" leaves 4-bit matrices to nearest
+    rounding: with the default 32 calibration windows GPTQ made SmolLM2's 4-bit file worse (its Hessian
+    estimate is too noisy for errors that small) and the 2- and 3-bit files better."""
+    return opt.rounding == "gptq" or opt.rounding == "auto" and int(opt.widths[name][4:]) <= 3
+
+
 def fast_init(opt: Options) -> dict:
     """--fast: one k-means pass on fewer samples (the refits against the packed scales are skipped)."""
     return dict(rounds=0, max_samples=1 << 14) if opt.fast else {}
@@ -391,7 +399,7 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         x_f = list(x_q)
     bar = tqdm(range(start, hp.n_layer), total=hp.n_layer, initial=start, desc="JLCM layers", unit="layer")
     for bid in bar:
-        gptq = opt.rounding == "gptq" and any(n.startswith(f"blk.{bid}.") for n in quantized)
+        gptq = any(n.startswith(f"blk.{bid}.") and gptq_rounding(opt, n) for n in quantized)
         moments = M.InputHessians() if gptq else M.InputMoments()
         with torch.inference_mode():
             M.blocks_forward(x_q, tensors, bid, hp, moments)
@@ -412,7 +420,7 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
             w = tensors[name]
             bits = int(opt.widths[name][4:])
             cb = init_codebooks(w, h, ro.bounds, bits, opt.variant, opt.seed, **fast_init(opt))
-            H = full.get(name.removesuffix(".weight"))
+            H = full.get(name.removesuffix(".weight")) if gptq_rounding(opt, name) else None
             if H is None:
                 idx, d = assign(w, bits, cb, ro.bounds, h)
             else:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Conversion time of the default model (SmolLM2-135M-Instruct) at a bit width, as whole-run wall time and
-per stage, next to the vendored llama.cpp converter writing the same model as F16 in the same run.
+"""Conversion time of the default model (SmolLM2-135M-Instruct) at a bit width, as whole-run wall time, next
+to the vendored llama.cpp converter writing the same model as F16 in the same run.
 
-    .venv/bin/python scripts/bench_convert.py [--bits 2] [--threads 2]
+    .venv/bin/python scripts/bench_convert.py [--bits 2] [--threads 2] [--learn-steps 40] [--rounding nearest,gptq]
 """
 from __future__ import annotations
 
@@ -30,16 +30,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--learn-steps", type=int, default=0)
+    ap.add_argument("--rounding", default="gptq", help="comma-separated: one conversion per rounding (gptq, nearest)")
     a = ap.parse_args()
     hf = smollm2_hf_dir()
     with tempfile.TemporaryDirectory() as tmp:
         t_f16 = timed([sys.executable, str(llama_cpp_dir() / "convert_hf_to_gguf.py"), str(hf), "--outtype", "f16",
                        "--outfile", f"{tmp}/f16.gguf"])
-        t_jlcm = timed([sys.executable, str(ROOT / "convert_hf_to_jlcm_gguf.py"), str(hf), "--bits", str(a.bits),
-                        "--threads", str(a.threads), "--outfile", f"{tmp}/jlcm.gguf"])
+        t_jlcm = {r: timed([sys.executable, str(ROOT / "convert_hf_to_jlcm_gguf.py"), str(hf), "--bits", str(a.bits),
+                            "--learn-steps", str(a.learn_steps), "--rounding", r, "--threads", str(a.threads),
+                            "--outfile", f"{tmp}/jlcm-{r}.gguf"]) for r in a.rounding.split(",")}
     print(f"SmolLM2-135M-Instruct, {a.threads} threads:")
     print(f"  llama.cpp convert_hf_to_gguf.py --outtype f16 : {t_f16:7.1f} s")
-    print(f"  jlcm-convert --bits {a.bits}                      : {t_jlcm:7.1f} s  ({t_jlcm / t_f16:.1f}x)")
+    for r, t in t_jlcm.items():
+        args = f"--bits {a.bits} --learn-steps {a.learn_steps} --rounding {r}"
+        print(f"  jlcm-convert {args:<40}: {t:7.1f} s  ({t / t_f16:.1f}x)")
     return 0
 
 

@@ -241,8 +241,8 @@ def main() -> int:
         f"`{text.name if a.eval_text else 'WikiText-2 test (../shared, LF line endings)'}`. llama.cpp's types are made "
         f"with `llama-quantize --imatrix`, the imatrix from `llama-imatrix` on {a.imatrix_chunks} × 512 tokens of the "
         "calibration text (King James "
-        "Bible); JLCM files with `jlcm-convert --bits N` (k-means codebooks, 16 groups, GPTQ rounding of the layer "
-        "matrices; rows named `-learnS` add "
+        "Bible); JLCM files with `jlcm-convert --bits N` (k-means codebooks, 16 groups, `--rounding auto`: GPTQ "
+        "rounding of the 2- and 3-bit layer matrices, nearest of the 4-bit ones; rows named `-learnS` add "
         "`--learn-steps S`, the joint codebook and proximal mapping learning of docs/ALGORITHM.md) on the same "
         "text" + (f", every conversion with `{a.convert_args}`" if a.convert_args else "") + ". "
         + ("At SmolLM2's width of 576 llama.cpp's 256-wide types fall back to 32-wide ones for most tensors "
@@ -288,7 +288,7 @@ def main() -> int:
         present = [n for n in names if n in by]
         lines += ["", f"## Ablation at {b} bits (same file size; perplexity)", "",
                   "| row | what changes | perplexity |", "|---|---|---:|"]
-        what = {names[0]: "k-means codebooks, 16 groups, GPTQ rounding, no learning", names[1]: f"+ {st} steps of "
+        what = {names[0]: "k-means codebooks, 16 groups, default rounding, no learning", names[1]: f"+ {st} steps of "
                 "joint learning, proximal mapping update", names[2]: f"+ {st} steps, plain straight-through mapping "
                 "gradient", names[3]: "k-means, one codebook per tensor", names[4]: "k-means, one codebook with a "
                 "scale per group", names[5]: "k-means, each weight rounded to its nearest codeword (no GPTQ)"}
@@ -335,8 +335,8 @@ def main() -> int:
     if nearest:
         lines += ["", "## GPTQ rounding against nearest rounding", "",
                   "The same k-means codebooks; block scales and indices either by GPTQ rounding through each "
-                  "linear's full input Hessian (the default, docs/CONVERTER.md) or with each weight at its nearest "
-                  "codeword (`--rounding nearest`).", "",
+                  "linear's full input Hessian (the default up to 3 bits, docs/CONVERTER.md) or with each weight at its "
+                  "nearest codeword (`--rounding nearest`).", "",
                   "| bits | bytes | nearest | GPTQ | ratio |", "|---:|---:|---:|---:|---:|"]
         for r in nearest:
             g = by[r["name"].removesuffix("-nearest")]

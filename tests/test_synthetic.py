@@ -99,3 +99,15 @@ def test_peak_rss_is_the_tools_own_not_this_process():
     res, big = prove_7b.peak_rss_run([sys.executable, "-c", "import numpy; a = numpy.ones(2**28 // 8)"])
     assert res.returncode == 0 and big > 250 * 2**20 > peak  # a tool's own 256 MiB shows
     del ballast
+
+
+def test_rounding_auto_is_gptq_up_to_3_bits_and_nearest_at_4(tiny, tmp_path):
+    def convert(bits: int, rounding: str) -> bytes:
+        out = tmp_path / f"{bits}-{rounding}.gguf"
+        res = run(CONVERTER + [tiny, "--outfile", out, "--bits", bits, "--rounding", rounding, "--nsamples", "4",
+                               "--seqlen", "64"], timeout=1200)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return out.read_bytes()
+
+    assert convert(4, "auto") == convert(4, "nearest")
+    assert convert(3, "auto") == convert(3, "gptq") != convert(3, "nearest")

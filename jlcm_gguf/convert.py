@@ -57,6 +57,7 @@ class Options:
     save_plan: Path | None = None
     rotate: bool = False       # --rotate: randomized Hadamard rotation of the residual stream (rotate.py)
     fast: bool = False         # --fast: float16 weights in memory, one k-means pass, plan with the Fisher estimate of the KL
+    kquants: bool = False      # --kquants: a plan may also use llama.cpp's Q2_K ... Q6_K (plan.KQUANT_CHOICES)
     embd_pinned: bool = False  # --embd-type given with a size budget or plan: the embeddings keep that type
     widths: dict | None = None  # set by convert: how each weight matrix is stored (plan.CHOICES)
 
@@ -315,9 +316,15 @@ def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: 
     opt.target_bytes = target
     options, fixed = None, 0
     try:
+        choices = P.palette(opt.kquants)
         saved = P.load_options(opt.plan) if opt.plan and opt.plan.suffix == ".json" and target else {}
         if saved and set(saved) != candidates:
             raise P.PlanError(f"the scores saved in {opt.plan} are for another model")
+        lacking = sorted({k for n in saved for k in choices if P.applicable(k, tensors[n].shape[1])}
+                         - {o.kind for v in saved.values() for o in v})
+        if lacking:
+            raise P.PlanError(f"the scores saved in {opt.plan} have no {lacking[0]}: plan again with --save-plan")
+        saved = {n: [o for o in v if o.kind in choices] for n, v in saved.items()}
         if opt.plan and not saved:
             kinds = {**P.load_plan(opt.plan), **pinned}
             if set(kinds) != candidates:
@@ -337,7 +344,7 @@ def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: 
                 layout = {n: companion_layout(n, tensors[n].shape[0], hp, opt.groups, candidates)
                           for n in candidates}
                 options = P.score_options(tensors, hp, tokens, layout, opt.groups, opt.variant, opt.seed,
-                                          fast=opt.fast)
+                                          fast=opt.fast, choices=choices)
             searched = {n: [o for o in v if o.kind == pinned[n]] if n in pinned else v for n, v in options.items()}
             if any(not v for v in searched.values()):
                 raise P.PlanError(f"--embd-type {opt.embd_type} cannot store the embeddings of this model")

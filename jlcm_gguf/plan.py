@@ -1,7 +1,8 @@
 """Plan step: a storage type per weight matrix that fits a byte budget (--target-size / --target-bpw / --plan).
 
 The choices are JLCM at 2, 3 or 4 bits and, for the few tensors worth more than 4 bits, llama.cpp's Q5_0 and
-Q8_0. Inference only. For every tensor and choice the weights are quantized by a fast version of the
+Q8_0; with --kquants also llama.cpp's Q2_K ... Q6_K (quantized by llama.cpp itself, standard.py) for the
+matrices whose width is a multiple of 256. Inference only. For every tensor and choice the weights are quantized by a fast version of the
 converter's own quantizer (grouping + one k-means pass; gguf-py's for Q5_0/Q8_0), which gives the error e(b) = sum_j h_j sum_i (w_ij - q_ij)^2
 (h_j = E[x_j^2], the input's second moment from a float forward pass on calibration text): the expected
 squared error the tensor adds to its output. The error only ranks the widths of one tensor; how much the
@@ -31,18 +32,24 @@ from .format import BLOCK_BYTES, QK
 
 log = logging.getLogger("jlcm-convert")
 
-# what a tensor can be stored as: JLCM at 2/3/4 bits, or llama.cpp's Q5_0 / Q8_0 (32-weight blocks) where a
-# tensor is worth more than 4 bits; ordered by size
-CHOICES = ("jlcm2", "jlcm3", "jlcm4", "q5_0", "q8_0")
+# what a tensor can be stored as, ordered by size: JLCM at 2/3/4 bits, llama.cpp's Q5_0 / Q8_0 (32-weight
+# blocks) where a tensor is worth more than 4 bits, and with --kquants llama.cpp's K-quants (256-weight blocks)
+CHOICES = ("jlcm2", "q2_k", "jlcm3", "q3_k", "jlcm4", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
+KQUANT_CHOICES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+DEFAULT_CHOICES = tuple(k for k in CHOICES if k not in KQUANT_CHOICES)
 WIDTHS = (2, 3, 4)
-STANDARD = {"q5_0": ("Q5_0", 22), "q8_0": ("Q8_0", 34)}  # gguf type name, bytes per 32 weights
+STANDARD = {"q2_k": ("Q2_K", 256, 84), "q3_k": ("Q3_K", 256, 110), "q4_k": ("Q4_K", 256, 144),
+            "q5_0": ("Q5_0", 32, 22), "q5_k": ("Q5_K", 256, 176), "q6_k": ("Q6_K", 256, 210),
+            "q8_0": ("Q8_0", 32, 34)}  # gguf type name, weights per block, bytes per block
 GRID = 2048      # evenly spaced budgets the search also fills for (see walk)
 FAST_ROWS = 1024  # --fast scores a sample of this many rows per matrix
 FISHER_WINDOWS = 8  # --fast estimates each tensor's KL from the Fisher information of this many windows
 ALIGNMENT = 32  # gguf-py pads every tensor's data to this
 PLAN_FORMAT = "jlcm-plan"
-SCORER = 3  # saved scores of another scorer are refused (2: Q5_0/Q8_0 errors of the h-weighted quantizer;
-            # 3: --fast estimates the KL from the Fisher information instead of using the raw error)
+SCORER = 4  # saved scores of another scorer are refused (2: Q5_0/Q8_0 errors of the h-weighted quantizer;
+            # 3: --fast estimates the KL from the Fisher information instead of using the raw error;
+            # 4: --fast draws its row sample by Fisher information and no longer weights it as if it
+            # held the whole matrix's)
 
 
 class PlanError(ValueError):
@@ -61,12 +68,23 @@ def tensor_bytes(rows: int, cols: int, bits: int, groups: int, stored_perm: bool
 
 def choice_bytes(kind: str, rows: int, cols: int, groups: int, stored_perm: bool) -> int:
     if kind in STANDARD:
-        return pad(rows * cols // 32 * STANDARD[kind][1])
+        _, block, size = STANDARD[kind]
+        return pad(rows * cols // block * size)
     return tensor_bytes(rows, cols, int(kind[4:]), groups, stored_perm)
 
 
+def palette(kquants: bool = False) -> tuple[str, ...]:
+    """The choices a plan may use, ordered by size (the smallest first)."""
+    return CHOICES if kquants else DEFAULT_CHOICES
+
+
+def applicable(kind: str, cols: int) -> bool:
+    """Whether a matrix of this width can be stored as `kind` (JLCM: every matrix the plan covers)."""
+    return kind not in STANDARD or cols % STANDARD[kind][1] == 0
+
+
 def ggml_type(kind: str):
-    """gguf-py's GGMLQuantizationType of a llama.cpp choice (q5_0, q8_0)."""
+    """gguf-py's GGMLQuantizationType of a llama.cpp choice (q5_0, q8_0, the K-quants)."""
     from gguf import GGMLQuantizationType
     return GGMLQuantizationType[STANDARD[kind][0]]
 
@@ -279,9 +297,31 @@ def fisher_error(w: np.ndarray, q: np.ndarray, marginals: tuple[np.ndarray, np.n
     return float(r @ (d2 @ c)) / max(float(r.sum()), 1e-300)
 
 
+def fisher_sample(r: np.ndarray, rng: np.random.Generator, rows: int = FAST_ROWS) -> np.ndarray | None:
+    """Rows --fast scores a matrix on (None: all): `rows` drawn with replacement in proportion to the row's
+    Fisher information r_i, so that sum_i r_i x_i = R E[x_i] is estimated by R times the sample mean. Uniform
+    draws would do for a layer matrix, whose rows weigh alike, but not for the head or an embedding, where a
+    few hundred tokens hold most of the information (an untied embedding's unseen rows hold none)."""
+    total = float(r.sum())
+    if len(r) <= rows or total <= 0:
+        return None
+    return np.sort(rng.choice(len(r), rows, replace=True, p=r / total))
+
+
+def fisher_kl(w: np.ndarray, q: np.ndarray, marginals: tuple[np.ndarray, np.ndarray],
+              sample: np.ndarray | None, tokens: int) -> float:
+    """The second-order estimate of the KL per token that storing w as q adds: 1/2 sum_ij F_ij (w_ij - q_ij)^2
+    over `tokens` (fisher_error), from all rows or from rows drawn by fisher_sample (w, q: those rows)."""
+    r, c = marginals
+    if sample is None:
+        return 0.5 * fisher_error(w, q, (r, c)) / tokens
+    d2 = (w - q).astype(np.float64) ** 2
+    return 0.5 * float((d2 @ c).mean()) / tokens
+
+
 def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple[int, bool]], groups: int,
                   variant: str, seed: int, fast: bool = False, kl_windows: int = 2,
-                  choices: tuple[str, ...] = CHOICES) -> dict[str, list[Option]]:
+                  choices: tuple[str, ...] = DEFAULT_CHOICES) -> dict[str, list[Option]]:
     """(bytes, score) of each tensor in `layout` at each width (see the module text)."""
     import torch
     from tqdm import tqdm
@@ -340,12 +380,13 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
     for name in tqdm(sorted(layout, key=_natural), desc="scoring widths", unit="tensor"):
         w = np.asarray(tensors[name], dtype=np.float32)
         rows_all = w.shape[0]
-        sample = slice(None)
-        if fast and rows_all > FAST_ROWS:  # the error of a row sample, scaled to the whole matrix
-            sample = np.sort(rng.choice(rows_all, FAST_ROWS, replace=False))
-            w = w[sample]
+        sample = None
+        if fast:  # errors of a row sample drawn by Fisher information (fisher_sample)
+            sample = fisher_sample(marginals[name][0], rng)
+            if sample is not None:
+                w = w[sample]
         n_groups, stored = layout[name]
-        kinds = [k for k in choices if k in STANDARD and w.shape[1] % 32 == 0 or k not in STANDARD]
+        kinds = [k for k in choices if applicable(k, w.shape[1])]
         grouping = group_rows(row_profiles(w, h_of(name)), n_groups, seed)
         errs, lowest = {}, None
         for kind in kinds:
@@ -353,12 +394,10 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
             if lowest is None:
                 lowest = q
         if fast:  # the second-order estimate of that KL: half the Fisher-weighted squared error per token
-            r, c = marginals[name]
-            kl = 0.5 * fisher_error(w, lowest, (r[sample], c)) / fisher_tokens
+            kl = fisher_kl(w, lowest, marginals[name], sample, fisher_tokens)
         else:
             kl = kl_with(name, lowest)
         scale = max(kl, 0.0) / max(errs[kinds[0]], 1e-30)
-        scale *= rows_all / w.shape[0]
         options[name] = [Option(k, choice_bytes(k, rows_all, w.shape[1], n_groups, stored), errs[k] * scale)
                          for k in kinds]
     return options

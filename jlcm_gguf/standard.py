@@ -6,6 +6,10 @@ being the largest weight over the top level. Then every level is rounded again a
 (fp16) and the scale refitted, which can only lower that error. docs/results.md shows what it did to the
 mixed-precision rows.
 
+The K-quants (Q2_K ... Q6_K, 256-weight super-blocks, for --kquants plans) are quantized by llama.cpp's own
+ggml_quantize_chunk with h as its importance matrix, called in the libggml-base that llama-cpp-python ships,
+so a K-quant matrix here has the bytes llama-quantize would give it.
+
 The bytes are the ggml block layouts (docs/FORMAT.md points to ggml-common.h); gguf-py dequantizes them.
 """
 from __future__ import annotations
@@ -15,6 +19,7 @@ from gguf import GGMLQuantizationType as QT
 
 BLOCK = 32
 LEVELS = {QT.Q4_0: (-8, 7), QT.Q5_0: (-16, 15), QT.Q8_0: (-127, 127)}  # int level range of each type
+KQUANTS = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 CHUNK = 1 << 20  # weights per batch of rows, to bound the temporaries
 
 
@@ -85,12 +90,59 @@ def _pack(qt: QT, d16: np.ndarray, lvl: np.ndarray) -> np.ndarray:
     return np.concatenate([head, qh.astype("<u4").view(np.uint8).reshape(-1, 4), nibbles], axis=1)
 
 
+_GGML = None
+
+
+def _ggml():
+    """libggml-base of the installed (patched) llama-cpp-python, with ggml_quantize_chunk's signature."""
+    global _GGML
+    if _GGML is None:
+        import ctypes
+        import importlib.util
+        from pathlib import Path
+        spec = importlib.util.find_spec("llama_cpp")
+        libs = [Path(d) / "lib" / "libggml-base.so" for d in (spec.submodule_search_locations or [])] if spec else []
+        found = [p for p in libs if p.exists()]
+        if not found:
+            raise RuntimeError("K-quants need llama.cpp's quantizer: libggml-base.so of llama-cpp-python was not "
+                               "found (run scripts/setup.sh)")
+        lib = ctypes.CDLL(str(found[0]))
+        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        _GGML = lib
+    return _GGML
+
+
+def _quantize_ggml(w: np.ndarray, qt: QT, h: np.ndarray | None) -> np.ndarray:
+    """w as qt by ggml_quantize_chunk (llama-quantize's code path), h as the importance matrix."""
+    from gguf.constants import GGML_QUANT_SIZES
+    block, size = GGML_QUANT_SIZES[qt]
+    if w.ndim != 2 or w.shape[1] % block:
+        raise ValueError(f"{qt.name} needs a matrix whose width is a multiple of {block}, not {w.shape}")
+    rows, cols = w.shape
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    imatrix = None
+    if h is not None:
+        imatrix = np.ascontiguousarray(np.maximum(np.asarray(h, dtype=np.float64), 0), dtype=np.float32)
+        if imatrix.shape != (cols,):
+            raise ValueError(f"importance of length {imatrix.shape} for a matrix of width {cols}")
+    out = np.empty((rows, cols // block * size), dtype=np.uint8)
+    n = _ggml().ggml_quantize_chunk(int(qt), w.ctypes.data, out.ctypes.data, 0, rows, cols,
+                                    None if imatrix is None else imatrix.ctypes.data)
+    if n != out.size:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {n} bytes of {qt.name}, expected {out.size}")
+    return out
+
+
 def quantize_standard(w: np.ndarray, qt: QT, h: np.ndarray | None = None) -> np.ndarray:
     """Entry point: w [rows, cols] as ggml type qt (raw bytes [rows, row size], as gguf-py's quantize
-    returns them); Q4_0/Q5_0/Q8_0 by the weighted search above (h None: equal column weights), any other type
-    by gguf-py."""
+    returns them); Q4_0/Q5_0/Q8_0 by the weighted search above (h None: equal column weights), the K-quants by
+    llama.cpp, any other type by gguf-py."""
     from gguf.quants import quantize
     w = np.asarray(w, dtype=np.float32)
+    if qt in KQUANTS:
+        return _quantize_ggml(w, qt, h)
     if qt not in LEVELS:
         return quantize(w, qt)
     if w.ndim != 2 or w.shape[1] % BLOCK:

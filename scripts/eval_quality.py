@@ -54,6 +54,9 @@ def row_specs(a, learned, ablations) -> list[tuple[str, str, list]]:
     for ref, qt in a.mixed_embd:  # the same budget with the embeddings pinned to a type
         rows.append((f"jlcm-mixed@{ref}-embd-{qt}", f"jlcm-mixed-{ref}-embd-{qt}.gguf",
                      ["--target-size", f"={ref}", "--embd-type", qt]))
+    for ref in a.mixed_kquants:  # the same budget with llama.cpp's K-quants among the choices
+        rows.append((f"jlcm-mixed@{ref}-kquants", f"jlcm-mixed-{ref}-kquants.gguf",
+                     ["--target-size", f"={ref}", "--kquants"]))
     for ref, s in a.mixed_learned:  # the same plan with joint learning on its JLCM matrices
         rows.append((f"jlcm-mixed@{ref}-learn{s}", f"jlcm-mixed-{ref}-learn{s}.gguf",
                      ["--target-size", f"={ref}", "--learn-steps", s]))
@@ -162,6 +165,8 @@ def main() -> int:
                     "size with STEPS of joint learning, e.g. Q2_K:40")
     ap.add_argument("--mixed-embd", default="", help="ROW:TYPE[,...]: a mixed-precision file at that row's size with "
                     "the embeddings pinned to TYPE (--embd-type; the plan chooses the rest), e.g. Q4_K_M:q8_0")
+    ap.add_argument("--mixed-kquants", default="", help="ROW[,...]: a mixed-precision file at that row's size whose "
+                    "plan may also use llama.cpp's K-quants (--kquants)")
     ap.add_argument("--reuse", type=Path, help="an earlier report of this script: its rows are taken from there "
                     "(marked †) instead of measured again; rows it lacks are measured")
     ap.add_argument("--fresh", default="", help="ROW[,...]: measure these even if --reuse has them")
@@ -180,6 +185,7 @@ def main() -> int:
     a.fresh = [r for r in a.fresh.split(",") if r]
     a.mixed_learned = [(r.split(":")[0], int(r.split(":")[1])) for r in a.mixed_learned.split(",") if r]
     a.mixed_embd = [tuple(r.split(":")) for r in a.mixed_embd.split(",") if r]
+    a.mixed_kquants = [r for r in a.mixed_kquants.split(",") if r]
     def pairs(arg: str) -> list[tuple[int, int]]:
         return [tuple(int(v) for v in item.split(":")) for item in arg.split(",") if item]
 
@@ -219,7 +225,7 @@ def main() -> int:
     for name, file, args in row_specs(a, pairs(a.learned), pairs(a.ablations)):
         args = [str(by[v[1:]]["bytes"]) if str(v).startswith("=") else str(v) for v in args]
         if "--target-size" in args:  # the sensitivity scores are measured once and searched for each budget
-            scores = a.out / "plan-scores.json"
+            scores = a.out / ("plan-scores-kquants.json" if "--kquants" in args else "plan-scores.json")
             args += ["--plan", str(scores)] if scores.exists() else ["--save-plan", str(scores)]
 
         def convert(t, args=args, name=name):
@@ -304,13 +310,16 @@ def main() -> int:
     mixed_ref = {f"jlcm-mixed@{ref}": ref for ref in a.mixed}
     mixed_ref.update({f"jlcm-mixed@{ref}-learn{s}": ref for ref, s in a.mixed_learned})
     mixed_ref.update({f"jlcm-mixed@{ref}-embd-{qt}": ref for ref, qt in a.mixed_embd})
+    mixed_ref.update({f"jlcm-mixed@{ref}-kquants": ref for ref in a.mixed_kquants})
     mixed = [r for r in rows if r["name"] in mixed_ref]
     if mixed:
         lines += ["", "## Mixed precision (issue #6): a per-tensor plan at another row's size", "",
                   "`jlcm-convert --target-size BYTES` with BYTES the other row's file size: every weight matrix "
                   "gets JLCM 2/3/4-bit, Q5_0 or Q8_0 by the greedy search of docs/CONVERTER.md (k-means "
                   "codebooks; rows ending in `-learnS` add `--learn-steps S`; rows ending in `-embd-T` add "
-                  "`--embd-type T`, which pins the embeddings to T and plans the rest"
+                  "`--embd-type T`, which pins the embeddings to T and plans the rest; rows ending in `-kquants` add "
+                  "`--kquants`, which also lets the plan store matrices whose width is a multiple of 256 in llama.cpp's "
+                  "Q2_K–Q6_K, quantized by llama.cpp's own code with the calibration importance"
                   + ("; every llama.cpp file above stores SmolLM2's tied embedding as Q8_0" if a.model == "smollm2"
                      else "") + "). Matrices in Q5_0/Q8_0 are quantized with the importance-"
                   "weighted scale search of jlcm_gguf/standard.py (as `llama-quantize --imatrix` does).", "",

@@ -243,6 +243,46 @@ def test_scores_of_another_scorer_are_refused(tmp_path):
         P.load_options(path)
 
 
+def test_kquant_plan_writes_llama_cpp_types(smollm2, mixed, tmp_path):
+    """A plan may store matrices whose width is a multiple of 256 (SmolLM2's ffn_down: 1536) as K-quants: the
+    file has those types at ggml's sizes, llama.cpp runs it, and saved scores without K-quants are refused
+    for a --kquants search."""
+    from gguf import GGUFReader
+    plan = P.load_plan(mixed[1])
+    plan.update({"blk.0.ffn_down.weight": "q2_k", "blk.1.ffn_down.weight": "q4_k", "blk.2.ffn_down.weight": "q6_k"})
+    path = tmp_path / "plan.json"
+    P.save_plan(path, plan)
+    out = tmp_path / "k.gguf"
+    res = run(CONVERTER + [smollm2, "--outfile", out, "--plan", path] + SMALL, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    tensors = {t.name: t for t in GGUFReader(str(out)).tensors}
+    for name, qt, size in [("blk.0.ffn_down.weight", "Q2_K", 84), ("blk.1.ffn_down.weight", "Q4_K", 144),
+                           ("blk.2.ffn_down.weight", "Q6_K", 210)]:
+        assert tensors[name].tensor_type.name == qt and tensors[name].n_bytes == 576 * 1536 // 256 * size
+    assert P.load_plan(out) == plan
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    res = run([tool("llama-perplexity"), "-m", out, "-f", text, "-c", "128", "--chunks", "2", "-t", "2"])
+    assert res.returncode == 0 and "Final estimate: PPL" in res.stdout + res.stderr, res.stderr[-2000:]
+    res = run(CONVERTER + [smollm2, "--outfile", tmp_path / "bad.gguf", "--plan", mixed[1], "--target-size",
+                           str(TARGET), "--kquants"] + SMALL)
+    assert res.returncode != 0 and "have no q2_k: plan again" in error_line(res)
+
+
+def test_kquant_choices_only_where_the_width_allows(smollm2_float):
+    tensors, _, hp = smollm2_float
+    names = ["blk.3.attn_q.weight", "blk.3.ffn_down.weight"]
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 49152, size=(P.FISHER_WINDOWS, 64))
+    options = P.score_options(tensors, hp, tokens, {n: (4, True) for n in names}, 4, "codebooks", 0, fast=True,
+                              choices=P.palette(kquants=True))
+    assert [o.kind for o in options[names[0]]] == list(P.DEFAULT_CHOICES)
+    down = {o.kind: o for o in options[names[1]]}
+    assert set(down) == set(P.CHOICES) and down["q4_k"].bytes == 576 * 1536 // 256 * 144
+    # (SmolLM2's weights lie on a Q4_1 grid, which Q4_K–Q6_K come close to alike, so only the far ends rank)
+    assert down["q2_k"].score > down["q6_k"].score > down["q8_0"].score >= 0
+
+
 @pytest.mark.parametrize("drop", [(), ("ffn_gate",), ("attn_v", "ffn_up")])
 def test_companion_layout_matches_fold(smollm2_float, drop):
     """The planner's byte count relies on knowing each matrix's groups and permutation before grouping."""
@@ -258,13 +298,14 @@ def test_companion_layout_matches_fold(smollm2_float, drop):
 
 def test_fisher_estimate_tracks_the_measured_kl(smollm2, smollm2_float):
     """--fast scores a tensor by the second-order (Fisher) estimate of the KL it adds at its lowest width; the
-    default measures that KL. Across tensors of different kinds and depths the two must agree in order and,
-    roughly, in size."""
+    default measures that KL. Across tensors of different kinds, depths and row counts (a row sample stands
+    for the whole matrix) the two must agree in order and, roughly, in size."""
     from transformers import AutoTokenizer
 
     from jlcm_gguf.calib import calibration_tokens, default_calibration_text
     tensors, _, hp = smollm2_float
     names = [f"blk.{b}.{n}.weight" for b in (0, 14, 29) for n in ("attn_q", "attn_v", "ffn_up", "ffn_down")]
+    names.append("token_embd.weight")  # 49152 rows, scored on a sample of 1024 (also ffn_up: 1536 rows)
     layout = {n: (4, True) for n in names}
     tokens = calibration_tokens(default_calibration_text(), AutoTokenizer.from_pretrained(str(smollm2)),
                                 P.FISHER_WINDOWS, 128, 0)

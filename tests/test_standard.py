@@ -63,3 +63,31 @@ def test_importance_of_each_role():
     untied = {"token_embd.weight": None, "output.weight": None}
     assert importance("token_embd.weight", hess, untied) is None  # only looked up
     assert importance("output.weight", hess, untied) is hess["output"]
+
+
+KQUANTS = [QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+
+
+def test_kquants_by_llama_cpp_read_back_and_use_the_importance():
+    """--kquants plans store matrices in Q2_K ... Q6_K by llama.cpp's own quantizer (ggml_quantize_chunk in the
+    installed llama-cpp-python): ggml's row size, read back by gguf-py, less error with each wider type, and
+    the importance matrix lowers the error it weights."""
+    from gguf.constants import GGML_QUANT_SIZES
+    rng = np.random.default_rng(3)
+    w = (rng.standard_t(4, size=(64, 512)) * 0.02).astype(np.float32)
+    h = rng.gamma(0.3, 1.0, size=512)
+
+    def err(data, qt):
+        q = dequantize(data, qt).reshape(w.shape)
+        return float((((w - q).astype(np.float64) ** 2).sum(0) * h).sum())
+
+    errors = []
+    for qt in KQUANTS:
+        data = quantize_standard(w, qt, h)
+        block, size = GGML_QUANT_SIZES[qt]
+        assert data.shape == (64, 512 // block * size) and data.dtype == np.uint8
+        errors.append(err(data, qt))
+        assert errors[-1] < err(quantize_standard(w, qt), qt), qt.name  # the importance matters
+    assert all(b < 0.7 * a for a, b in zip(errors, errors[1:])), errors
+    with pytest.raises(ValueError, match="multiple of 256"):
+        quantize_standard(np.zeros((4, 576), np.float32), QT.Q4_K)

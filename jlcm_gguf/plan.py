@@ -38,9 +38,7 @@ CHOICES = ("jlcm2", "q2_k", "jlcm3", "q3_k", "jlcm4", "q4_k", "q5_0", "q5_k", "q
 KQUANT_CHOICES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 DEFAULT_CHOICES = tuple(k for k in CHOICES if k not in KQUANT_CHOICES)
 WIDTHS = (2, 3, 4)
-STANDARD = {"q2_k": ("Q2_K", 256, 84), "q3_k": ("Q3_K", 256, 110), "q4_k": ("Q4_K", 256, 144),
-            "q5_0": ("Q5_0", 32, 22), "q5_k": ("Q5_K", 256, 176), "q6_k": ("Q6_K", 256, 210),
-            "q8_0": ("Q8_0", 32, 34)}  # gguf type name, weights per block, bytes per block
+STANDARD = {k: k.upper() for k in CHOICES if not k.startswith("jlcm")}  # the llama.cpp choices' gguf type names
 GRID = 2048      # evenly spaced budgets the search also fills for (see walk)
 FAST_ROWS = 1024  # --fast scores a sample of this many rows per matrix
 FISHER_WINDOWS = 8  # --fast estimates each tensor's KL from the Fisher information of this many windows
@@ -68,7 +66,7 @@ def tensor_bytes(rows: int, cols: int, bits: int, groups: int, stored_perm: bool
 
 def choice_bytes(kind: str, rows: int, cols: int, groups: int, stored_perm: bool) -> int:
     if kind in STANDARD:
-        _, block, size = STANDARD[kind]
+        block, size = block_size(kind)
         return pad(rows * cols // block * size)
     return tensor_bytes(rows, cols, int(kind[4:]), groups, stored_perm)
 
@@ -80,13 +78,19 @@ def palette(kquants: bool = False) -> tuple[str, ...]:
 
 def applicable(kind: str, cols: int) -> bool:
     """Whether a matrix of this width can be stored as `kind` (JLCM: every matrix the plan covers)."""
-    return kind not in STANDARD or cols % STANDARD[kind][1] == 0
+    return kind not in STANDARD or cols % block_size(kind)[0] == 0
 
 
 def ggml_type(kind: str):
     """gguf-py's GGMLQuantizationType of a llama.cpp choice (q5_0, q8_0, the K-quants)."""
     from gguf import GGMLQuantizationType
-    return GGMLQuantizationType[STANDARD[kind][0]]
+    return GGMLQuantizationType[STANDARD[kind]]
+
+
+def block_size(kind: str) -> tuple[int, int]:
+    """(weights, bytes) of one block of a llama.cpp choice, from gguf-py's table."""
+    from gguf.constants import GGML_QUANT_SIZES
+    return GGML_QUANT_SIZES[ggml_type(kind)]
 
 
 def type_id(kind: str) -> int:

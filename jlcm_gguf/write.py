@@ -63,8 +63,7 @@ def write_raw_gguf(path, tensors: dict, arch: str = "llama", metadata=None) -> N
     w.close()
 
 
-STANDARD_TYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0", "q5_0": "Q5_0", "q4_0": "Q4_0",
-                  "q2_k": "Q2_K", "q3_k": "Q3_K", "q4_k": "Q4_K", "q5_k": "Q5_K", "q6_k": "Q6_K"}
+STANDARD_TYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0", "q5_0": "Q5_0", "q4_0": "Q4_0"}
 
 
 def standard_type(name: str, arr: np.ndarray, embd_type: str, planned: str | None = None) -> GGMLQuantizationType:
@@ -72,8 +71,9 @@ def standard_type(name: str, arr: np.ndarray, embd_type: str, planned: str | Non
     (docs/CONVERTER.md):
     1-D tensors and norms: F32; token_embd/output: --embd-type when it is a standard type, else Q8_0;
     other matrices whose width is not a multiple of 64: Q8_0 (width a multiple of 32) or F16."""
-    if planned in STANDARD_TYPES:
-        return GGMLQuantizationType[STANDARD_TYPES[planned]]
+    from .plan import STANDARD, ggml_type
+    if planned in STANDARD:
+        return ggml_type(planned)
     if arr.ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
         return GGMLQuantizationType.F32
     if name in ("token_embd.weight", "output.weight") and embd_type in STANDARD_TYPES:

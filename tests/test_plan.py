@@ -269,6 +269,25 @@ def test_kquant_plan_writes_llama_cpp_types(smollm2, mixed, tmp_path):
     assert res.returncode != 0 and "have no q2_k: plan again" in error_line(res)
 
 
+def test_tensor_bytes_script_accounts_for_every_byte(mixed):
+    """scripts/tensor_bytes.py (the byte split docs/results-qwen.md cites): roles cover every tensor once, and
+    the layer types are the plan's."""
+    import importlib.util
+    from collections import Counter
+
+    from gguf import GGUFReader
+    spec = importlib.util.spec_from_file_location("tensor_bytes", Path(__file__).parents[1] / "scripts" / "tensor_bytes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path = mixed[0]
+    split = mod.roles(path)
+    assert sum(b for b, _ in split.values()) == sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors)
+    plan = P.load_plan(path)
+    want = Counter(P.ggml_type(k).name if k in P.STANDARD else f"JLCM{k[4:]}"
+                   for n, k in plan.items() if n.startswith("blk."))
+    assert split["layers"][1] == want
+
+
 def test_kquant_choices_only_where_the_width_allows(smollm2_float):
     tensors, _, hp = smollm2_float
     names = ["blk.3.attn_q.weight", "blk.3.ffn_down.weight"]

@@ -4,7 +4,7 @@ A folder next to the output (`OUT.gguf.jlcm-resume/`) holds, per finished block,
 weights, its matrices stored in llama.cpp types and the neighbours folding changed (`block-NNN.npz`), and the quantized model's activations
 after the last finished block (`state.npz`, whose `done` counts the finished blocks). Every file is
 written to a temporary name and renamed, so a kill at any moment leaves a consistent folder. A
-fingerprint of the options, the calibration tokens and the input files guards against resuming with
+fingerprint of the options, the calibration tokens, the input files and the converter's source guards against resuming with
 anything else. Everything downstream is deterministic, so a resumed conversion writes the same bytes as
 an uninterrupted one (tests/test_robustness.py).
 """
@@ -23,8 +23,18 @@ FINGERPRINT_OPTIONS = ("bits", "groups", "variant", "embd_type", "nsamples", "se
                        "plain_ste", "widths", "rotate", "fast", "rounding")
 
 
-def fingerprint(opt, tokens: np.ndarray) -> str:
+def converter_source_hash() -> str:
+    """The converter's own code: a checkpoint written by other code (an upgrade, a local edit) is not resumed,
+    since its blocks may differ from what this code would write."""
     h = hashlib.sha256()
+    for f in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def fingerprint(opt, tokens: np.ndarray, source: str | None = None) -> str:
+    h = hashlib.sha256()
+    h.update((source or converter_source_hash()).encode())
     h.update(json.dumps({k: getattr(opt, k) for k in FINGERPRINT_OPTIONS}, sort_keys=True).encode())
     h.update(np.ascontiguousarray(tokens).tobytes())
     for f in sorted(Path(opt.model).iterdir()):

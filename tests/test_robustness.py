@@ -120,6 +120,22 @@ def test_kill_and_resume_gives_the_same_file(small, small_reference, resume_args
     assert not ckpt.exists() and not list(tmp_path.glob("out.gguf.tmp*"))
 
 
+def test_checkpoint_fingerprint_covers_options_and_converter_source(tmp_path):
+    """A checkpoint left by other converter code (an upgrade, a local edit) must not be resumed."""
+    from types import SimpleNamespace
+    from jlcm_gguf.checkpoint import FINGERPRINT_OPTIONS, converter_source_hash, fingerprint
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    opt = SimpleNamespace(model=model, **{k: None for k in FINGERPRINT_OPTIONS})
+    tokens = np.arange(8)
+    key = fingerprint(opt, tokens)
+    assert key == fingerprint(opt, tokens, converter_source_hash())
+    assert key != fingerprint(opt, tokens, "0" * 64)
+    opt.bits = 2
+    assert key != fingerprint(opt, tokens)
+
+
 @pytest.mark.parametrize("case,message", [
     ("unreadable_tokenizer", "cannot load the tokenizer"),
     ("shape_mismatch", "shape mismatch: blk.0.ffn_gate.weight is 1536x576, config.json implies 1600x576"),

@@ -74,7 +74,7 @@ def _round_columns(W, Hinv, c, mid, pos, d, hdiag, bits, cb, bounds, step) -> No
                 _, db = assign(blk, bits, cb, bounds, hdiag[col:col + QK])
                 d[:, col // QK] = db[:, 0]
                 scale = torch.as_tensor(db[:, 0].astype(np.float32))
-                div = torch.where(scale > 0, scale, torch.ones_like(scale))  # as assign divides
+                div = torch.where(scale != 0, scale, torch.ones_like(scale))  # as pack.nearest_codeword divides
             x = W1[:, j]
             p = (x[:, None] / div[:, None] > mid).sum(1)         # nearest codeword; ties to the lower, as assign
             q = scale * c.gather(1, p[:, None])[:, 0]

@@ -77,6 +77,6 @@ def init_codebooks(w_stored: np.ndarray, h: np.ndarray | None, bounds: np.ndarra
 
     cb = fit(np.abs(b).max(axis=2) / 127)
     for _ in range(rounds):
-        _, d = assign(w_stored, bits, cb, bounds, h)
+        _, d = assign(w_stored, bits, cb, bounds, h, starts=(1.0,))  # the scale search runs once, when packing
         cb = fit(np.abs(d.astype(np.float32)))
     return cb

@@ -44,10 +44,10 @@ FAST_ROWS = 1024  # --fast scores a sample of this many rows per matrix
 FISHER_WINDOWS = 8  # --fast estimates each tensor's KL from the Fisher information of this many windows
 ALIGNMENT = 32  # gguf-py pads every tensor's data to this
 PLAN_FORMAT = "jlcm-plan"
-SCORER = 4  # saved scores of another scorer are refused (2: Q5_0/Q8_0 errors of the h-weighted quantizer;
+SCORER = 5  # saved scores of another scorer are refused (2: Q5_0/Q8_0 errors of the h-weighted quantizer;
             # 3: --fast estimates the KL from the Fisher information instead of using the raw error;
             # 4: --fast draws its row sample by Fisher information and no longer weights it as if it
-            # held the whole matrix's)
+            # held the whole matrix's; 5: JLCM errors with pack.assign's search over starting scales)
 
 
 class PlanError(ValueError):

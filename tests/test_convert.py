@@ -91,6 +91,41 @@ def test_codebooks_and_packing_roundtrip(bits):
     assert err < 0.95 * err0, (err, err0)
 
 
+def test_nearest_codeword_is_a_sorted_search_with_ties_to_the_lower():
+    from jlcm_gguf.pack import nearest_codeword
+    rng = np.random.default_rng(1)
+    mid = np.array([-40.5, -3.0, 0.0, 7.5, 60.0], dtype=np.float32)
+    x = rng.normal(0, 30, (5, 4, 64)).astype(np.float32)
+    x[0, 0, :5] = mid * 2  # exactly on a midpoint after dividing by the scale 2
+    scale = np.where(rng.random((5, 4)) < 0.2, 0, rng.uniform(-3, 3, (5, 4))).astype(np.float32)
+    scale[0, 0] = 2
+    want = np.searchsorted(mid, x / np.where(scale != 0, scale, 1)[..., None])
+    assert np.array_equal(nearest_codeword(x, scale, mid), want)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_scale_search_lowers_the_packing_error(bits):
+    """Several starting scales of both signs: never a higher h-weighted error than the single start at amax,
+    and clearly lower over a matrix whose codebooks are asymmetric."""
+    from jlcm_gguf.pack import lookup
+    rng = np.random.default_rng(10 + bits)
+    rows, cols = 64, 512
+    w = (rng.exponential(1.0, (rows, cols)) - 0.6) * rng.choice([-1, 1], (rows, 1))
+    w = w.astype(np.float32)
+    h = rng.uniform(0.1, 2.0, cols).astype(np.float32)
+    bounds = np.array([32, 64], dtype=np.int32)
+    cb = init_codebooks(w, h, bounds, bits)
+
+    def block_errors(starts):
+        idx, d = assign(w, bits, cb, bounds, h, starts=starts)
+        e = h * (lookup(idx, d, cb, bounds) - w).astype(np.float64) ** 2
+        return e.reshape(rows, -1, 64).sum(2)
+    from jlcm_gguf.pack import SCALE_STARTS
+    one, many = block_errors((1.0,)), block_errors(SCALE_STARTS)
+    assert np.all(many <= one * (1 + 1e-5) + 1e-9)
+    assert many.sum() < 0.97 * one.sum(), (many.sum(), one.sum())
+
+
 def _hf_copy(src: Path, dst: Path, drop=(), config_patch=None) -> Path:
     dst.mkdir()
     for f in src.iterdir():
@@ -186,6 +221,25 @@ def test_converted_perplexity_finite(converted, tmp_path):
     ppl, err = perplexity(path, text, chunks=2)
     print(f"\nJLCM 2-bit SmolLM2 ({summary['bytes']:,} bytes): WikiText-2 ppl {ppl:.2f} ± {err:.2f} (2 chunks)")
     assert math.isfinite(ppl) and ppl > 1
+
+
+def test_second_evaluation_text_is_pinned(tmp_path, monkeypatch):
+    """--eval-text llama.cpp-docs: the same bytes on every machine, and a changed tree is refused rather than
+    silently evaluated on other text."""
+    import shutil
+
+    from jlcm_gguf.convert import llama_cpp_dir
+    from jlcm_gguf.evaluate import calibration_overlap, llama_cpp_docs
+    text = llama_cpp_docs(tmp_path / "a")
+    assert text.stat().st_size == 494_785
+    assert calibration_overlap(text) == 0
+    tree = tmp_path / "llama.cpp"
+    shutil.copytree(llama_cpp_dir() / "docs", tree / "docs")
+    edited = sorted((tree / "docs").rglob("*.md"))[3]
+    edited.write_text(edited.read_text() + "one more line\n")
+    monkeypatch.setenv("JLCM_LLAMA_DIR", str(tree))
+    with pytest.raises(RuntimeError, match="sha256"):
+        llama_cpp_docs(tmp_path / "b")
 
 
 def _free_port() -> int:

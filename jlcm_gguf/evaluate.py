@@ -1,6 +1,7 @@
 """Running the patched llama.cpp tools on GGUF files: perplexity, a one-turn answer, the float reference."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -31,6 +32,45 @@ def wikitext_test(dest_dir: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(SHARED_WIKITEXT.read_bytes().replace(b"\r\n", b"\n").replace(b"\r", b"\n"))
     return out
+
+
+LLAMA_CPP_DOCS_SHA256 = "c39b2cd9d2552085d44fb9404d791218a1ac5e1b59bce96cb095a9836f22397a"
+
+
+def llama_cpp_docs(dest_dir: Path) -> Path:
+    """A second evaluation text, technical prose unlike WikiText and disjoint from the calibration text:
+    every Markdown file under docs/ of the pinned llama.cpp (the sdist scripts/fetch_llama.py checks by
+    sha256), in path order, each preceded by its path, LF line endings. Checked against its own sha256."""
+    from .convert import llama_cpp_dir
+    docs = llama_cpp_dir() / "docs"
+    files = sorted(p for p in docs.rglob("*.md") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no Markdown files under {docs}")
+    text = "".join(f"# {p.relative_to(docs).as_posix()}\n\n"
+                   + p.read_bytes().decode("utf-8").replace("\r\n", "\n").strip("\n") + "\n\n" for p in files)
+    data = text.encode("utf-8")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != LLAMA_CPP_DOCS_SHA256:
+        raise RuntimeError(f"llama.cpp docs text has sha256 {digest}, expected {LLAMA_CPP_DOCS_SHA256}: "
+                           f"is {docs} the pinned, unmodified tree?")
+    out = dest_dir / "llama-cpp-docs.txt"
+    if not out.exists() or out.read_bytes() != data:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(data)
+    return out
+
+
+def calibration_overlap(text: Path, n: int = 12) -> int:
+    """How many n-word passages of an evaluation text also occur in the calibration text (0: disjoint)."""
+    from .calib import default_calibration_text
+
+    def passages(path: Path) -> set[int]:
+        words = path.read_text(encoding="utf-8").split()
+        return {hash(tuple(words[i:i + n])) for i in range(len(words) - n + 1)}
+    return len(passages(text) & passages(default_calibration_text()))
+
+
+EVAL_TEXTS = {"wikitext-2": wikitext_test, "llama.cpp-docs": llama_cpp_docs}
 
 
 def perplexity(model: Path, text: Path, chunks: int, ctx: int = 512, threads: int = 2) -> tuple[float, float]:

@@ -103,17 +103,19 @@ def matmul_q8_reference(w_orig: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 # Starting scales of a block, in units of amax / max|cb|. One start (amax) refitted by least squares stops in
-# a local optimum; the best of several, of both signs (a negative scale mirrors an asymmetric codebook), is
-# kept, as llama.cpp's make_qx_quants tries a range of scales. On Qwen2.5-1.5B matrices these six cut the
-# h-weighted error by 14-22 % at 2-4 bits, within 1 % of 26 starts; 1.0 keeps the old result reachable.
-SCALE_STARTS = (1.0, 0.85, 0.7, -1.0, -0.85, -0.7)
+# a local optimum; the best of several is kept, as llama.cpp's make_qx_quants tries a range of scales. A
+# negative start mirrors an asymmetric codebook. Starts below amax clip the block's largest weights: under
+# GPTQ rounding the clipped error is compensated on later columns, under nearest rounding it is not. Both
+# sets were chosen by SmolLM2's perplexity at 2-4 bits (scripts/scale_starts.py, docs/scale-starts.md).
+SCALE_STARTS = (1.0, -1.0)                                # nearest rounding (pack.assign's default)
+GPTQ_SCALE_STARTS = (1.0, 0.85, 0.7, -1.0, -0.85, -0.7)  # the block scales gptq.assign_gptq rounds against
 
 
 def quantize_to_codebooks(w: np.ndarray, bits: int, cb: np.ndarray, bounds: np.ndarray | None,
                           h: np.ndarray | None = None, refine: int = 2) -> np.ndarray:
     """Pack float rows (stored order) against int8 group codebooks. Per 64-weight block the scale starts at
-    each of SCALE_STARTS · amax / max|cb_g|, each weight takes the nearest codeword of w/d, then `refine`
-    rounds alternate the h-weighted least-squares scale and the assignment; the scale and assignment with
+    each of SCALE_STARTS · amax / max|cb_g| (+amax and -amax), each weight takes the nearest codeword of
+    w/d, then `refine` rounds alternate the h-weighted least-squares scale and the assignment; the scale and assignment with
     the lowest h-weighted error seen is kept. Returns uint8 [rows, row_bytes]."""
     idx, d = assign(w, bits, cb, bounds, h, refine)
     return pack_blocks(idx, d, bits)

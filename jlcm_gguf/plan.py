@@ -44,10 +44,11 @@ FAST_ROWS = 1024  # --fast scores a sample of this many rows per matrix
 FISHER_WINDOWS = 8  # --fast estimates each tensor's KL from the Fisher information of this many windows
 ALIGNMENT = 32  # gguf-py pads every tensor's data to this
 PLAN_FORMAT = "jlcm-plan"
-SCORER = 5  # saved scores of another scorer are refused (2: Q5_0/Q8_0 errors of the h-weighted quantizer;
+SCORER = 6  # saved scores of another scorer are refused (2: Q5_0/Q8_0 errors of the h-weighted quantizer;
             # 3: --fast estimates the KL from the Fisher information instead of using the raw error;
             # 4: --fast draws its row sample by Fisher information and no longer weights it as if it
-            # held the whole matrix's; 5: JLCM errors with pack.assign's search over starting scales)
+            # held the whole matrix's; 5: JLCM errors with pack.assign's search over six starting scales;
+            # 6: over +amax and -amax, pack.SCALE_STARTS)
 
 
 class PlanError(ValueError):
@@ -208,7 +209,7 @@ def standard_roundtrip(w: np.ndarray, kind: str, h: np.ndarray | None = None) ->
 
 
 def quick_error(w: np.ndarray, h: np.ndarray | None, kind: str, groups: int, variant: str, seed: int,
-                grouping=None) -> tuple[float, np.ndarray]:
+                grouping=None, starts: tuple[float, ...] | None = None) -> tuple[float, np.ndarray]:
     """(h-weighted squared error, dequantized weights in original row order) of w stored as `kind`: for
     JLCM by grouping and one k-means pass, for Q5_0/Q8_0 as the writer does it."""
     hw = np.ones(w.shape[1]) if h is None else np.asarray(h, dtype=np.float64)
@@ -223,7 +224,7 @@ def quick_error(w: np.ndarray, h: np.ndarray | None, kind: str, groups: int, var
         order, bounds = grouping if grouping is not None else group_rows(row_profiles(w, h), groups, seed)
         ws = w[order]
         cb = init_codebooks(ws, h, bounds, bits, variant, seed, rounds=0, max_samples=1 << 14)
-        idx, d = assign(ws, bits, cb, bounds, h)
+        idx, d = assign(ws, bits, cb, bounds, h, **({"starts": starts} if starts else {}))
         q = np.empty_like(ws)
         q[order] = lookup(idx, d, cb, bounds)
     return float((((w - q).astype(np.float64) ** 2).sum(0) * hw).sum()), q

@@ -42,11 +42,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="eval_quality.py's --out (f16.gguf, imatrix.gguf, TYPE.gguf)")
     ap.add_argument("--blocks", default="3,14", help="block numbers, comma-separated")
     ap.add_argument("--doc", type=Path, help="write the table as Markdown here")
+    ap.add_argument("--one-start", action="store_true", help="also JLCM packed from the single starting scale "
+                    "+amax (pack.assign before its search over starting scales)")
     a = ap.parse_args()
 
     ref, im = tensors_of(a.out / "f16.gguf"), tensors_of(a.out / "imatrix.gguf")
     files = {f: tensors_of(a.out / f"{f}.gguf") for f in LLAMA_FILES if (a.out / f"{f}.gguf").exists()}
-    head = ["matrix", *(f"{k.upper()} ({k[4]}.25 bpw)" for k in JLCM_KINDS), *(f"{f} file" for f in files)]
+    head = ["matrix", *(f"{k.upper()} ({k[4]}.25 bpw)" for k in JLCM_KINDS),
+            *(f"{k.upper()} one start" for k in JLCM_KINDS if a.one_start), *(f"{f} file" for f in files)]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for b in (int(x) for x in a.blocks.split(",")):
         for n in LINEARS:
@@ -56,6 +59,9 @@ def main() -> None:
             h = np.asarray(im[name + ".in_sum2"].data, dtype=np.float64).ravel() / counts
             total = float(((w.astype(np.float64) ** 2).sum(0) * h).sum())
             cells = [f"{quick_error(w, h, k, 16, 'codebooks', 0)[0] / total:.4f}" for k in JLCM_KINDS]
+            if a.one_start:  # pack.assign before its scale search: one starting scale, +amax
+                cells += [f"{quick_error(w, h, k, 16, 'codebooks', 0, starts=(1.0,))[0] / total:.4f}"
+                          for k in JLCM_KINDS]
             for tt in files.values():
                 t = tt[name]
                 e = float((((w - as_float(t)).astype(np.float64) ** 2).sum(0) * h).sum()) / total
@@ -70,7 +76,8 @@ def main() -> None:
             f"{datetime.date.today()} from the files of `{a.out}` (scripts/eval_quality.py). Each cell is the "
             "relative activation-weighted error of one matrix, `Σ_j h_j Σ_i (w_ij − q_ij)² / Σ_j h_j Σ_i w_ij²`, "
             "with `h` from llama.cpp's imatrix of the run; JLCM as the planner's quick quantizer makes it (16 row "
-            "groups, one k-means pass, no learning); llama.cpp's files: the type `llama-quantize --imatrix` chose for "
+            "groups, one k-means pass, no learning; *one start*: the block scales searched from +amax only, as "
+            "before pack.SCALE_STARTS); llama.cpp's files: the type `llama-quantize --imatrix` chose for "
             "that matrix, and its error.",
             "",
             *lines,

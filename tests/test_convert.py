@@ -104,10 +104,11 @@ def test_nearest_codeword_is_a_sorted_search_with_ties_to_the_lower():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_scale_search_lowers_the_packing_error(bits):
-    """Several starting scales of both signs: never a higher h-weighted error than the single start at amax,
-    and clearly lower over a matrix whose codebooks are asymmetric."""
-    from jlcm_gguf.pack import lookup
+@pytest.mark.parametrize("starts", ["SCALE_STARTS", "GPTQ_SCALE_STARTS"])
+def test_scale_search_lowers_the_packing_error(bits, starts):
+    """Starting scales of both signs: never a higher h-weighted error than the single start at amax, and
+    clearly lower over a matrix whose codebooks are asymmetric."""
+    from jlcm_gguf import pack
     rng = np.random.default_rng(10 + bits)
     rows, cols = 64, 512
     w = (rng.exponential(1.0, (rows, cols)) - 0.6) * rng.choice([-1, 1], (rows, 1))
@@ -118,12 +119,11 @@ def test_scale_search_lowers_the_packing_error(bits):
 
     def block_errors(starts):
         idx, d = assign(w, bits, cb, bounds, h, starts=starts)
-        e = h * (lookup(idx, d, cb, bounds) - w).astype(np.float64) ** 2
+        e = h * (pack.lookup(idx, d, cb, bounds) - w).astype(np.float64) ** 2
         return e.reshape(rows, -1, 64).sum(2)
-    from jlcm_gguf.pack import SCALE_STARTS
-    one, many = block_errors((1.0,)), block_errors(SCALE_STARTS)
+    one, many = block_errors((1.0,)), block_errors(getattr(pack, starts))
     assert np.all(many <= one * (1 + 1e-5) + 1e-9)
-    assert many.sum() < 0.97 * one.sum(), (many.sum(), one.sum())
+    assert many.sum() < 0.95 * one.sum(), (many.sum(), one.sum())
 
 
 def _hf_copy(src: Path, dst: Path, drop=(), config_patch=None) -> Path:

@@ -9,7 +9,7 @@ from jlcm_gguf import model as M
 from jlcm_gguf.gptq import assign_gptq, inverse_cholesky
 from jlcm_gguf.group import group_rows, row_profiles
 from jlcm_gguf.init import init_codebooks
-from jlcm_gguf.pack import assign, lookup
+from jlcm_gguf.pack import GPTQ_SCALE_STARTS, assign, lookup
 
 
 def correlated_inputs(rng, n: int, cols: int, mixing: np.ndarray) -> np.ndarray:
@@ -47,13 +47,14 @@ def test_gptq_lowers_the_output_error_on_held_out_inputs(bits):
 
 
 def test_gptq_with_a_diagonal_hessian_is_nearest_rounding():
-    """No cross terms to compensate: the same scales and the same codewords as pack.assign."""
+    """No cross terms to compensate: the same scales and the same codewords as pack.assign from the same
+    starting scales."""
     rng = np.random.default_rng(7)
     w = rng.standard_normal((24, 192)).astype(np.float32)
     h = rng.uniform(0.1, 3.0, 192)
     bounds = np.array([10, 24])
     cb = init_codebooks(w, h, bounds, 3)
-    i_near, d_near = assign(w, 3, cb, bounds, h)
+    i_near, d_near = assign(w, 3, cb, bounds, h, starts=GPTQ_SCALE_STARTS)
     i_gptq, d_gptq = assign_gptq(w, 3, cb, bounds, np.diag(h))
     assert np.array_equal(d_near, d_gptq)
     assert np.array_equal(i_near, i_gptq)

@@ -115,8 +115,8 @@ def quantize_to_codebooks(w: np.ndarray, bits: int, cb: np.ndarray, bounds: np.n
                           h: np.ndarray | None = None, refine: int = 2) -> np.ndarray:
     """Pack float rows (stored order) against int8 group codebooks. Per 64-weight block the scale starts at
     each of SCALE_STARTS · amax / max|cb_g| (+amax and -amax), each weight takes the nearest codeword of
-    w/d, then `refine` rounds alternate the h-weighted least-squares scale and the assignment; the scale and assignment with
-    the lowest h-weighted error seen is kept. Returns uint8 [rows, row_bytes]."""
+    w/d, then `refine` rounds alternate the h-weighted least-squares scale and the assignment; the scale
+    and assignment with the lowest h-weighted error seen is kept. Returns uint8 [rows, row_bytes]."""
     idx, d = assign(w, bits, cb, bounds, h, refine)
     return pack_blocks(idx, d, bits)
 
@@ -132,8 +132,10 @@ def nearest_codeword(x: np.ndarray, scale: np.ndarray, mid: np.ndarray) -> np.nd
 
 def assign(w: np.ndarray, bits: int, cb: np.ndarray, bounds: np.ndarray | None,
            h: np.ndarray | None = None, refine: int = 2,
-           starts: tuple[float, ...] = SCALE_STARTS) -> tuple[np.ndarray, np.ndarray]:
-    """(idx uint8 [rows, cols], d float16 [rows, cols/64]) for quantize_to_codebooks."""
+           starts: tuple[float, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(idx uint8 [rows, cols], d float16 [rows, cols/64]) for quantize_to_codebooks; starts: the starting
+    scales, SCALE_STARTS when None."""
+    starts = SCALE_STARTS if starts is None else starts
     w = np.asarray(w, dtype=np.float32)
     rows, cols = w.shape
     nb = cols // QK

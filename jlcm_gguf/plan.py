@@ -224,7 +224,7 @@ def quick_error(w: np.ndarray, h: np.ndarray | None, kind: str, groups: int, var
         order, bounds = grouping if grouping is not None else group_rows(row_profiles(w, h), groups, seed)
         ws = w[order]
         cb = init_codebooks(ws, h, bounds, bits, variant, seed, rounds=0, max_samples=1 << 14)
-        idx, d = assign(ws, bits, cb, bounds, h, **({"starts": starts} if starts else {}))
+        idx, d = assign(ws, bits, cb, bounds, h, starts=starts)
         q = np.empty_like(ws)
         q[order] = lookup(idx, d, cb, bounds)
     return float((((w - q).astype(np.float64) ** 2).sum(0) * hw).sum()), q

@@ -5,7 +5,7 @@ Hessian H = E[x xᵀ]. The output error of a row, (w - q) H (w - q)ᵀ, also has
 rounded left to right and each column's error is compensated on the columns not yet rounded, by the
 optimal update  w[j+1:] -= (w_j - q_j) / Hinv[j, j] * Hinv[j, j+1:]  (Hinv the upper Cholesky factor of
 H⁻¹). A 64-column block's scale is chosen when the block's first column is reached, from the block's
-weights as the updates have left them (pack.assign's h-weighted least squares, from GPTQ_SCALE_STARTS); its
+weights as the updates have left them (pack.assign's h-weighted least squares, from pack.GPTQ_SCALE_STARTS); its
 weights then take the nearest codeword of w / d one column at a time.
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from .format import QK
-from .pack import GPTQ_SCALE_STARTS, assign, group_of_rows
+from . import pack
+from .pack import assign, group_of_rows
 
 
 def inverse_cholesky(H: np.ndarray, damp: float) -> torch.Tensor:
@@ -71,7 +72,7 @@ def _round_columns(W, Hinv, c, mid, pos, d, hdiag, bits, cb, bounds, step) -> No
             col = i1 + j
             if col % QK == 0:
                 blk = W1[:, j:j + QK].numpy()
-                _, db = assign(blk, bits, cb, bounds, hdiag[col:col + QK], starts=GPTQ_SCALE_STARTS)
+                _, db = assign(blk, bits, cb, bounds, hdiag[col:col + QK], starts=pack.GPTQ_SCALE_STARTS)
                 d[:, col // QK] = db[:, 0]
                 scale = torch.as_tensor(db[:, 0].astype(np.float32))
                 div = torch.where(scale != 0, scale, torch.ones_like(scale))  # as pack.nearest_codeword divides

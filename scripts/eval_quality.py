@@ -151,11 +151,14 @@ def svg_plot(rows: list[dict], path: Path) -> None:
 def target_lines(jl: list[dict], by: dict[str, dict], ref: dict) -> list[str]:
     """Issue #4's targets judged against the JLCM rows `jl`: each llama.cpp type from FRONT_TYPES needs a
     JLCM file no larger with lower perplexity, and at HALF_GAP_TYPES' sizes one closing half the gap."""
+    def best_no_larger(t: str) -> dict | None:
+        return min((r for r in jl if r["bytes"] <= by[t]["bytes"]), key=lambda r: r["ppl"], default=None)
+
     lines = []
     for t in FRONT_TYPES:
         if t not in by:
             continue
-        best = min((r for r in jl if r["bytes"] <= by[t]["bytes"]), key=lambda r: r["ppl"], default=None)
+        best = best_no_larger(t)
         if best and best["ppl"] < by[t]["ppl"]:
             lines.append(f"- {t} ({by[t]['bytes']:,} B, ppl {by[t]['ppl']:.2f}): dominated by {best['name']} "
                          f"({best['bytes']:,} B, ppl {best['ppl']:.2f})")
@@ -167,7 +170,7 @@ def target_lines(jl: list[dict], by: dict[str, dict], ref: dict) -> list[str]:
         if t not in by:
             continue
         goal = (by[t]["ppl"] + ref["ppl"]) / 2
-        best = min((r for r in jl if r["bytes"] <= by[t]["bytes"]), key=lambda r: r["ppl"], default=None)
+        best = best_no_larger(t)
         if best is None:
             verdict = "no JLCM file is that small"
         else:

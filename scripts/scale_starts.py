@@ -35,9 +35,9 @@ def file_name(bits: int, nearest: str, gptq: str) -> str:
 
 def convert_with(nearest: str, gptq: str, argv: list[str]) -> int:
     """jlcm-convert argv with the two start sets replaced (in this process only)."""
-    from jlcm_gguf import gptq as G, pack
-    pack.SCALE_STARTS = START_SETS[nearest]  # read by pack.assign at each call
-    G.GPTQ_SCALE_STARTS = START_SETS[gptq]   # gptq's own binding of the name
+    from jlcm_gguf import pack
+    pack.SCALE_STARTS = START_SETS[nearest]  # both read from pack at each call (pack.assign, gptq.assign_gptq)
+    pack.GPTQ_SCALE_STARTS = START_SETS[gptq]
     from jlcm_gguf.cli import main as convert_main
     return convert_main(argv)
 

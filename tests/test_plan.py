@@ -336,3 +336,21 @@ def test_fisher_estimate_tracks_the_measured_kl(smollm2, smollm2_float):
     assert np.corrcoef(rank(kl), rank(est))[0, 1] > 0.8, (kl, est)
     ratio = est / kl
     assert np.all((ratio > 0.4) & (ratio < 2.5)), ratio
+
+
+def test_block_layouts_script_fits_its_own_grids():
+    """scripts/block_layouts.py (docs/block-layouts-qwen.md): blocks that lie on a layout's grid are fitted
+    without error, and only the affine layout fits blocks shifted by an offset."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("block_layouts", Path(__file__).parents[1] / "scripts" / "block_layouts.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(0)
+    c = np.array([-1.0, -0.25, 0.5, 1.0])
+    cv = c[rng.integers(0, 4, size=(200, 16))]
+    cv[:, 0], cv[:, 1] = -1.0, 1.0                          # each block spans the codebook
+    d = mod.f16(rng.uniform(0.01, 0.1, size=(200, 1)))
+    m = mod.f16(rng.uniform(-0.2, 0.2, size=(200, 1)))
+    assert mod.fit_blocks(d * cv, c, affine=False) < 1e-20
+    assert mod.fit_blocks(d * cv + m, c, affine=True) < 1e-9 * float(((d * cv + m) ** 2).sum())
+    assert mod.fit_blocks(d * cv + m, c, affine=False) > 1e-2 * float(((d * cv + m) ** 2).sum())

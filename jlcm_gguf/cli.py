@@ -32,6 +32,9 @@ def parse_args(argv=None) -> Options:
                          "columns not yet rounded through the full input Hessian), nearest (each weight alone), or auto "
                          "(default: gptq for 2- and 3-bit matrices, nearest for 4-bit ones)")
     ap.add_argument("--plain-ste", action="store_true", help="plain straight-through mapping gradient (ablation)")
+    ap.add_argument("--learn-loss", choices=["residual", "normed"], default="residual",
+                    help="what learning reconstructs: each block's output (residual stream, default), or, as an "
+                         "ablation, that output after the next attention RMSNorm (docs/ALGORITHM.md)")
     budget = ap.add_argument_group("size budget (per-tensor mixed precision, docs/ALGORITHM.md)")
     budget.add_argument("--target-size", help="largest file size, e.g. 2.0GB (10^9 bytes), 80MB, 1.5GiB or bytes; "
                         "each JLCM tensor gets 2, 3 or 4 bits by a greedy search on measured sensitivity")
@@ -67,7 +70,7 @@ def parse_args(argv=None) -> Options:
     outfile = a.outfile or a.model / f"{a.model.name}-jlcm{a.bits}.gguf"
     return Options(model=a.model, outfile=outfile, bits=a.bits, groups=a.groups, variant=a.variant,
                    embd_type=a.embd_type or "jlcm4", embd_pinned=a.embd_type is not None, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                   threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, plain_ste=a.plain_ste, rounding=a.rounding,
+                   threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, plain_ste=a.plain_ste, learn_loss=a.learn_loss, rounding=a.rounding,
                    resume=a.resume, target_bytes=target_bytes, target_bpw=a.target_bpw or 0.0, plan=a.plan,
                    save_plan=a.save_plan, fast=a.fast, kquants=a.kquants, rotate=a.rotate)
 

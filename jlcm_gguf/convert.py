@@ -50,6 +50,7 @@ class Options:
     rounding: str = "auto"     # layer weights onto codebooks: "gptq" (full input Hessian, gptq.py), "nearest", or
                                # "auto": gptq up to 3 bits, nearest at 4 (docs/results-gptq.md)
     plain_ste: bool = False
+    learn_loss: str = "residual"  # the block output's error as is, or "normed": as the next RMSNorm passes it on
     resume: bool = False       # continue an interrupted conversion from its last finished block
     target_bytes: int = 0      # --target-size: the file fits in this many bytes (a per-tensor plan, plan.py)
     target_bpw: float = 0.0    # --target-bpw: the same, as bits per weight of the whole file
@@ -272,6 +273,16 @@ def gptq_rounding(opt: Options, name: str) -> bool:
     return opt.rounding == "gptq" or opt.rounding == "auto" and int(opt.widths[name][4:]) <= 3
 
 
+def learn_loss_norm(opt: Options, tensors: dict, bid: int, hp: Hparams):
+    """What learning compares of a block's output: itself (residual), or the next block's attention RMSNorm of it
+    (the head's norm after the last block) for --learn-loss normed."""
+    if opt.learn_loss == "residual":
+        return lambda y: y
+    from . import model as M
+    g = M.t(tensors[f"blk.{bid + 1}.attn_norm.weight" if bid + 1 < hp.n_layer else "output_norm.weight"]).float()
+    return lambda y: M.rms_norm(y, g, hp.rms_eps)
+
+
 def fast_init(opt: Options) -> dict:
     """--fast: one k-means pass on fewer samples (the refits against the packed scales are skipped)."""
     return dict(rounds=0, max_samples=1 << 14) if opt.fast else {}
@@ -441,14 +452,18 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
             inverse = {n: torch.as_tensor(np.argsort(s["ro"].order)) for n, s in specs.items() if s["ro"].stored}
             base = {k: v for k, v in tensors.items() if k.startswith(f"blk.{bid}.")}
 
-            def block_fn(weights, x, base=base, inverse=inverse, bid=bid):
+            # "normed" (ablation): the error after the next attention RMSNorm, where a few very large residual
+            # channels weigh less; worse on SmolLM2 (docs/ALGORITHM.md)
+            after_norm = learn_loss_norm(opt, tensors, bid, hp)
+
+            def block_fn(weights, x, base=base, inverse=inverse, bid=bid, after_norm=after_norm):
                 t = dict(base)
                 for n, w in weights.items():
                     t[n] = w[inverse[n]] if n in inverse else w  # stored rows back to the logical order
-                return M.block_forward(x, t, bid, hp)
+                return after_norm(M.block_forward(x, t, bid, hp))
 
             x_in = torch.stack(x_q)
-            y_t = torch.stack(y_f)
+            y_t = after_norm(torch.stack(y_f))
             norm = y_t.pow(2).mean()
 
             def block_loss(params=params, block_fn=block_fn, x_in=x_in, y_t=y_t, norm=norm, batch=8) -> float:

@@ -121,3 +121,26 @@ def test_learning_is_deterministic():
     a = _learn_tiny(seed=2, steps=10)[1]
     b = _learn_tiny(seed=2, steps=10)[1]
     assert a == b
+
+
+def test_normed_learn_loss_compares_what_the_next_norm_passes_on():
+    """--learn-loss normed: a block's output is compared after the next block's attention RMSNorm (the head's
+    after the last block), so a channel many times larger than the rest no longer owns the loss."""
+    from jlcm_gguf.convert import Options, learn_loss_norm
+    from jlcm_gguf.model import Hparams
+
+    hp = Hparams(n_embd=4, n_head=1, n_head_kv=1, n_layer=2, n_ff=8, rms_eps=1e-6, rope_base=1e4)
+    tensors = {"blk.1.attn_norm.weight": np.array([1.0, 2.0, 0.5, 0.01], np.float32),
+               "output_norm.weight": np.array([3.0, 1.0, 1.0, 1.0], np.float32)}
+    y = torch.tensor([[1.0, -2.0, 0.5, 400.0]])
+    assert learn_loss_norm(Options(model=None, outfile=None), tensors, 0, hp)(y) is y
+    normed = Options(model=None, outfile=None, learn_loss="normed")
+    rms = float(y.pow(2).mean().sqrt())
+    assert torch.allclose(learn_loss_norm(normed, tensors, 0, hp)(y), y / rms * torch.tensor([1.0, 2.0, 0.5, 0.01]), rtol=1e-5)
+    assert torch.allclose(learn_loss_norm(normed, tensors, 1, hp)(y), y / rms * torch.tensor([3.0, 1.0, 1.0, 1.0]), rtol=1e-5)
+    # an error of 1 in the large channel and one of 1 in a small channel: the residual loss weighs them alike,
+    # after the norm the small channel's counts far more (gain 0.5 against 0.01)
+    f = learn_loss_norm(normed, tensors, 0, hp)
+    big = (f(y + torch.tensor([0.0, 0.0, 0.0, 1.0])) - f(y)).pow(2).sum()
+    small = (f(y + torch.tensor([0.0, 0.0, 1.0, 0.0])) - f(y)).pow(2).sum()
+    assert small > 100 * big

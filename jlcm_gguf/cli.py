@@ -45,6 +45,10 @@ def parse_args(argv=None) -> Options:
     budget.add_argument("--fast", action="store_true",
                         help="plan with each tensor's KL estimated from the Fisher information of a few calibration windows "
                              "instead of measured by running the model once per tensor")
+    budget.add_argument("--plan-error", choices=["nearest", "rounding"], default="nearest",
+                        help="how the plan compares a layer matrix's widths: by the diagonal-weighted error of nearest "
+                             "rounding (default), or by its held-out output error under the full input Hessian with "
+                             "each width rounded as --rounding rounds it (ablation: worse on Qwen, docs/CONVERTER.md)")
     budget.add_argument("--kquants", action="store_true",
                         help="let the plan also store matrices whose width is a multiple of 256 in llama.cpp's K-quants "
                              "(Q2_K ... Q6_K, quantized by llama.cpp with the calibration importance)")
@@ -72,7 +76,7 @@ def parse_args(argv=None) -> Options:
                    embd_type=a.embd_type or "jlcm4", embd_pinned=a.embd_type is not None, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                    threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, plain_ste=a.plain_ste, learn_loss=a.learn_loss, rounding=a.rounding,
                    resume=a.resume, target_bytes=target_bytes, target_bpw=a.target_bpw or 0.0, plan=a.plan,
-                   save_plan=a.save_plan, fast=a.fast, kquants=a.kquants, rotate=a.rotate)
+                   save_plan=a.save_plan, plan_error=a.plan_error, fast=a.fast, kquants=a.kquants, rotate=a.rotate)
 
 
 def main(argv=None) -> int:

@@ -57,6 +57,7 @@ class Options:
     plan: Path | None = None   # --plan: widths from a JSON plan or a JLCM GGUF's metadata
     save_plan: Path | None = None
     rotate: bool = False       # --rotate: randomized Hadamard rotation of the residual stream (rotate.py)
+    plan_error: str = "nearest"  # or "rounding": the plan compares widths as --rounding rounds them (plan.py)
     fast: bool = False         # --fast: float16 weights in memory, one k-means pass, plan with the Fisher estimate of the KL
     kquants: bool = False      # --kquants: a plan may also use llama.cpp's Q2_K ... Q6_K (plan.KQUANT_CHOICES)
     embd_pinned: bool = False  # --embd-type given with a size budget or plan: the embeddings keep that type
@@ -266,6 +267,14 @@ def convert(opt: Options) -> dict:
     return summary
 
 
+def plan_gptq_kinds(opt: Options) -> frozenset[str]:
+    """The JLCM widths the plan scores with GPTQ rounding, as gptq_rounding will round them."""
+    from .plan import WIDTHS
+    if opt.plan_error == "nearest":
+        return frozenset()
+    return frozenset(f"jlcm{b}" for b in WIDTHS if opt.rounding == "gptq" or opt.rounding == "auto" and b <= 3)
+
+
 def gptq_rounding(opt: Options, name: str) -> bool:
     """Whether a layer matrix planned as JLCM takes GPTQ rounding. "auto" leaves 4-bit matrices to nearest
     rounding: with the default 32 calibration windows GPTQ made SmolLM2's 4-bit file worse (its Hessian
@@ -328,7 +337,7 @@ def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: 
     options, fixed = None, 0
     try:
         choices = P.palette(opt.kquants)
-        saved = P.load_options(opt.plan) if opt.plan and opt.plan.suffix == ".json" and target else {}
+        saved = P.load_options(opt.plan, plan_gptq_kinds(opt)) if opt.plan and opt.plan.suffix == ".json" and target else {}
         if saved and set(saved) != candidates:
             raise P.PlanError(f"the scores saved in {opt.plan} are for another model")
         lacking = sorted({k for n in saved for k in choices if P.applicable(k, tensors[n].shape[1])}
@@ -355,7 +364,7 @@ def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: 
                 layout = {n: companion_layout(n, tensors[n].shape[0], hp, opt.groups, candidates)
                           for n in candidates}
                 options = P.score_options(tensors, hp, tokens, layout, opt.groups, opt.variant, opt.seed,
-                                          fast=opt.fast, choices=choices)
+                                          fast=opt.fast, choices=choices, gptq_kinds=plan_gptq_kinds(opt))
             searched = {n: [o for o in v if o.kind == pinned[n]] if n in pinned else v for n, v in options.items()}
             if any(not v for v in searched.values()):
                 raise P.PlanError(f"--embd-type {opt.embd_type} cannot store the embeddings of this model")
@@ -382,7 +391,8 @@ def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: 
              f"{size:,}", f" (target {target:,})" if target else "")
     if opt.save_plan:
         P.save_plan(opt.save_plan, kinds, {"target_bytes": target, "predicted_bytes": size,
-                                           "planned_budget": target - fixed if options else None}, options)
+                                           "planned_budget": target - fixed if options else None}, options,
+                    plan_gptq_kinds(opt))
     return kinds
 
 

@@ -11,7 +11,11 @@ model's when that tensor alone is at its lowest width (JLCM 2-bit). The score of
 by e(choice) / e(lowest), an estimate of the KL the tensor adds stored that way. (`fast=True`, for models
 too large to run once per tensor: errors of a sample of rows, and the KL estimated to second order,
 KL ~ 1/2 sum_ij F_ij (w_ij - q_ij)^2 per token, from the Fisher information F of a few calibration windows
-(fisher_marginals: one forward and backward pass per window for all tensors together).)
+(fisher_marginals: one forward and backward pass per window for all tensors together).) With
+`gptq_kinds` (--plan-error rounding, an ablation), a layer matrix's widths are compared by their output
+error under the full input Hessian instead, those widths rounded by GPTQ fitted to half the calibration
+windows and measured on the other half (BlockHessians); the KL is still that of nearest rounding at the
+lowest width, scaled by its output error.
 
 Search: each tensor's (bytes, score) options are reduced to their lower convex hull (fewer bytes always
 cost score, and each further step down costs more score per byte than the one before), so all moves of all
@@ -44,11 +48,13 @@ FAST_ROWS = 1024  # --fast scores a sample of this many rows per matrix
 FISHER_WINDOWS = 8  # --fast estimates each tensor's KL from the Fisher information of this many windows
 ALIGNMENT = 32  # gguf-py pads every tensor's data to this
 PLAN_FORMAT = "jlcm-plan"
-SCORER = 6  # saved scores of another scorer are refused (2: Q5_0/Q8_0 errors of the h-weighted quantizer;
+SCORER = 7  # saved scores of another scorer are refused (2: Q5_0/Q8_0 errors of the h-weighted quantizer;
             # 3: --fast estimates the KL from the Fisher information instead of using the raw error;
             # 4: --fast draws its row sample by Fisher information and no longer weights it as if it
             # held the whole matrix's; 5: JLCM errors with pack.assign's search over six starting scales;
-            # 6: over +amax and -amax, pack.SCALE_STARTS)
+            # 6: over +amax and -amax, pack.SCALE_STARTS; 7: with gptq_kinds (--plan-error rounding), layer
+            # matrices by their output error under the full input Hessian, those widths rounded by GPTQ,
+            # saved as "gptq_kinds"; without, the same scores as 6, whose files are still read)
 
 
 class PlanError(ValueError):
@@ -208,10 +214,19 @@ def standard_roundtrip(w: np.ndarray, kind: str, h: np.ndarray | None = None) ->
     return roundtrip(w, ggml_type(kind), h)
 
 
+def output_error(w: np.ndarray, q: np.ndarray, H: np.ndarray) -> float:
+    """sum over rows of (w - q) H (w - q)ᵀ: the squared error the rounding adds to the layer's output."""
+    import torch
+    d = torch.as_tensor(np.asarray(w, dtype=np.float32) - np.asarray(q, dtype=np.float32))
+    return float(((d @ torch.as_tensor(H, dtype=torch.float32)) * d).double().sum())
+
+
 def quick_error(w: np.ndarray, h: np.ndarray | None, kind: str, groups: int, variant: str, seed: int,
-                grouping=None, starts: tuple[float, ...] | None = None) -> tuple[float, np.ndarray]:
-    """(h-weighted squared error, dequantized weights in original row order) of w stored as `kind`: for
-    JLCM by grouping and one k-means pass, for Q5_0/Q8_0 as the writer does it."""
+                grouping=None, starts: tuple[float, ...] | None = None, H: np.ndarray | None = None,
+                H_fit: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """(error, dequantized weights in original row order) of w stored as `kind`: for JLCM by grouping and
+    one k-means pass, then nearest rounding or, given H_fit, GPTQ's under that full input Hessian; for
+    Q5_0/Q8_0 as the writer does it. The error is h-weighted squared, or given H the output error under H."""
     hw = np.ones(w.shape[1]) if h is None else np.asarray(h, dtype=np.float64)
     if kind in STANDARD:
         q = standard_roundtrip(w, kind, h)
@@ -224,10 +239,51 @@ def quick_error(w: np.ndarray, h: np.ndarray | None, kind: str, groups: int, var
         order, bounds = grouping if grouping is not None else group_rows(row_profiles(w, h), groups, seed)
         ws = w[order]
         cb = init_codebooks(ws, h, bounds, bits, variant, seed, rounds=0, max_samples=1 << 14)
-        idx, d = assign(ws, bits, cb, bounds, h, starts=starts)
+        if H_fit is not None:
+            from .gptq import assign_gptq
+            idx, d = assign_gptq(ws, bits, cb, bounds, H_fit)
+        else:
+            idx, d = assign(ws, bits, cb, bounds, h, starts=starts)
         q = np.empty_like(ws)
         q[order] = lookup(idx, d, cb, bounds)
+    if H is not None:
+        return output_error(w, q, H), q
     return float((((w - q).astype(np.float64) ** 2).sum(0) * hw).sum()), q
+
+
+class BlockHessians:
+    """The full input Hessians of each block's linears, (fit, held out): from the even and from the odd
+    calibration windows. GPTQ is fitted to the first and its error measured under the second, since under
+    the Hessian it was fitted to (rank-deficient where a matrix is wider than the windows have tokens) it
+    looks better than it is. A float forward pass advances one block at a time as the tensors are scored
+    in block order: one block's matrices in memory."""
+
+    def __init__(self, tensors: dict, hp, tokens: np.ndarray):
+        from . import model as M
+        if len(tokens) < 2:
+            raise ValueError("GPTQ scoring needs at least two calibration windows")
+        self.tensors, self.hp = tensors, hp
+        self.x = [M.embed(seq, tensors) for seq in tokens]
+        self.counts = [sum(len(seq) for seq in tokens[half::2]) for half in (0, 1)]
+        self.bid, self.full = -1, ({}, {})
+
+    def __call__(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        from . import model as M
+        bid = int(name.split(".")[1])
+        if bid < self.bid:
+            raise ValueError(f"{name} asked for after block {self.bid}")
+        while self.bid < bid:
+            self.full = ({}, {})  # the previous block's matrices go before the next are summed
+            moments = (M.InputHessians(), M.InputHessians())
+            with torch.inference_mode():
+                self.x = [M.block_forward(x, self.tensors, self.bid + 1, self.hp, moments[i % 2])
+                          for i, x in enumerate(self.x)]
+            self.full = tuple(m.matrices(c) for m, c in zip(moments, self.counts))
+            self.bid += 1
+        key = name.removesuffix(".weight")
+        return self.full[0][key], self.full[1][key]
 
 
 
@@ -326,8 +382,12 @@ def fisher_kl(w: np.ndarray, q: np.ndarray, marginals: tuple[np.ndarray, np.ndar
 
 def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple[int, bool]], groups: int,
                   variant: str, seed: int, fast: bool = False, kl_windows: int = 2,
-                  choices: tuple[str, ...] = DEFAULT_CHOICES) -> dict[str, list[Option]]:
-    """(bytes, score) of each tensor in `layout` at each width (see the module text)."""
+                  choices: tuple[str, ...] = DEFAULT_CHOICES,
+                  gptq_kinds: frozenset[str] = frozenset()) -> dict[str, list[Option]]:
+    """(bytes, score) of each tensor in `layout` at each width (see the module text). The layer matrices'
+    JLCM widths in `gptq_kinds` are rounded by GPTQ as the converter rounds them; then every width of a
+    layer matrix is compared by its output error under the full input Hessian, and the KL is still
+    measured with nearest rounding at the lowest width, whose output error it is scaled by."""
     import torch
     from tqdm import tqdm
 
@@ -380,6 +440,7 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
     if fast:
         marginals = fisher_marginals(tensors, hp, tokens, layout, seed)
         fisher_tokens = sum(len(s) for s in tokens[:FISHER_WINDOWS])
+    hessians = BlockHessians(tensors, hp, tokens) if gptq_kinds else None
     options: dict[str, list[Option]] = {}
     rng = np.random.default_rng(seed)
     for name in tqdm(sorted(layout, key=_natural), desc="scoring widths", unit="tensor"):
@@ -393,16 +454,20 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
         n_groups, stored = layout[name]
         kinds = [k for k in choices if applicable(k, w.shape[1])]
         grouping = group_rows(row_profiles(w, h_of(name)), n_groups, seed)
-        errs, lowest = {}, None
+        H_fit, H = hessians(name) if hessians is not None and name.startswith("blk.") else (None, None)
+        errs = {}
         for kind in kinds:
-            errs[kind], q = quick_error(w, h_of(name), kind, n_groups, variant, seed, grouping)
-            if lowest is None:
-                lowest = q
+            errs[kind], q = quick_error(w, h_of(name), kind, n_groups, variant, seed, grouping, H=H,
+                                        H_fit=H_fit if kind in gptq_kinds else None)
+            if kind == kinds[0]:
+                lowest, anchor = q, errs[kind]
+        if H is not None and kinds[0] in gptq_kinds:  # the KL's nearest-rounded counterpart
+            anchor, lowest = quick_error(w, h_of(name), kinds[0], n_groups, variant, seed, grouping, H=H)
         if fast:  # the second-order estimate of that KL: half the Fisher-weighted squared error per token
             kl = fisher_kl(w, lowest, marginals[name], sample, fisher_tokens)
         else:
             kl = kl_with(name, lowest)
-        scale = max(kl, 0.0) / max(errs[kinds[0]], 1e-30)
+        scale = max(kl, 0.0) / max(anchor, 1e-30)
         options[name] = [Option(k, choice_bytes(k, rows_all, w.shape[1], n_groups, stored), errs[k] * scale)
                          for k in kinds]
     return options
@@ -461,31 +526,36 @@ def load_plan(path: Path) -> dict[str, str]:
 
 
 def save_plan(path: Path, bits: dict[str, str], info: dict | None = None,
-              options: dict[str, list[Option]] | None = None) -> None:
+              options: dict[str, list[Option]] | None = None, gptq_kinds: frozenset[str] = frozenset()) -> None:
     """JSON: the plan, what it was searched for, and (if given) every tensor's scored options, so a plan for
     another budget can be searched again from the same scores."""
     doc = {"format": PLAN_FORMAT, "version": 1, **(info or {}),
            "tensors": {n: bits[n] for n in sorted(bits, key=_natural)}}
     if options:
         doc["scorer"] = SCORER
+        doc["gptq_kinds"] = sorted(gptq_kinds)
         doc["options"] = {n: [[o.kind, o.bytes, o.score] for o in options[n]] for n in sorted(options, key=_natural)}
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 
-def load_options(path: Path) -> dict[str, list[Option]]:
-    """The scored options saved with a plan ({} if it has none)."""
+def load_options(path: Path, gptq_kinds: frozenset[str] = frozenset()) -> dict[str, list[Option]]:
+    """The scored options saved with a plan ({} if it has none), if scored with GPTQ at `gptq_kinds`."""
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
         opts = doc.get("options", {}) if isinstance(doc, dict) else {}
         out = {n: [Option(str(k), int(b), float(sc)) for k, b, sc in v] for n, v in opts.items()}
         scorer = doc.get("scorer", 1) if out else SCORER
+        scored_gptq = set(doc.get("gptq_kinds", [])) if out else set(gptq_kinds)
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise PlanError(f"cannot read the scores in {path}: {e}") from None
-    if scorer != SCORER:
+    if scorer != SCORER and not (scorer == 6 and not gptq_kinds):  # 7 without GPTQ widths is 6
         raise PlanError(f"the scores in {path} were measured by another version of the planner (scorer {scorer}, "
                         f"this one is {SCORER}): plan again with --save-plan")
+    if scored_gptq != set(gptq_kinds):
+        raise PlanError(f"the scores in {path} rounded {sorted(scored_gptq) or 'no width'} by GPTQ, this plan rounds "
+                        f"{sorted(gptq_kinds) or 'none'} so (--rounding, --plan-error): plan again with --save-plan")
     if any(o.kind not in CHOICES or o.bytes <= 0 for v in out.values() for o in v):
         raise PlanError(f"{path} has scores for an unknown type or size")
     return out

@@ -233,10 +233,15 @@ def test_scores_of_another_scorer_are_refused(tmp_path):
     P.save_plan(path, {"blk.0.attn_q.weight": "jlcm2"}, {"target_bytes": 100}, options)
     assert P.load_options(path) == options
     doc = json.loads(path.read_text())
-    doc["scorer"] = P.SCORER - 1
+    doc["scorer"] = 5
     path.write_text(json.dumps(doc))
     with pytest.raises(P.PlanError, match="another version of the planner"):
         P.load_options(path)
+    doc["scorer"] = 6  # scorer 7 without GPTQ-scored widths measures what 6 did
+    path.write_text(json.dumps(doc))
+    assert P.load_options(path) == options
+    with pytest.raises(P.PlanError, match="another version of the planner"):
+        P.load_options(path, frozenset({"jlcm2"}))
     del doc["scorer"]  # files from before the field: scorer 1
     path.write_text(json.dumps(doc))
     with pytest.raises(P.PlanError, match="scorer 1"):
@@ -300,6 +305,45 @@ def test_kquant_choices_only_where_the_width_allows(smollm2_float):
     assert set(down) == set(P.CHOICES) and down["q4_k"].bytes == 576 * 1536 // 256 * 144
     # (SmolLM2's weights lie on a Q4_1 grid, which Q4_K–Q6_K come close to alike, so only the far ends rank)
     assert down["q2_k"].score > down["q6_k"].score > down["q8_0"].score >= 0
+
+
+def test_gptq_scoring_credits_what_gptq_rounding_saves(smollm2_float, tmp_path):
+    """Scorer 7: with the converter's GPTQ rounding at 2 and 3 bits, a layer matrix's widths are compared by
+    their output error under the full input Hessian of held-out windows, GPTQ-rounded (fitted to the other
+    windows) where the converter will round so. GPTQ lowers that error, so the 2-bit option scores below
+    the nearest-rounded KL it is scaled from (by little for ffn_down, 1536 columns fitted on 256 tokens;
+    in sample it even made 3 bits beat 4 there); saved scores remember which widths were GPTQ-scored."""
+    tensors, _, hp = smollm2_float
+    names = ["blk.0.attn_q.weight", "blk.1.attn_output.weight", "blk.1.ffn_down.weight"]
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 49152, size=(P.FISHER_WINDOWS, 64))
+    layout = {n: (4, True) for n in names}
+    nearest = P.score_options(tensors, hp, tokens, layout, 4, "codebooks", 0, fast=True)
+    kinds = frozenset({"jlcm2", "jlcm3"})
+    gptq = P.score_options(tensors, hp, tokens, layout, 4, "codebooks", 0, fast=True, gptq_kinds=kinds)
+    for n in names:
+        before, after = ({o.kind: o.score for o in v[n]} for v in (nearest, gptq))
+        assert after["jlcm2"] < (1.0 if "ffn_down" in n else 0.6) * before["jlcm2"], (n, before, after)
+        assert after["jlcm2"] > after["jlcm3"] and after["jlcm4"] > after["q5_0"] > after["q8_0"] > 0, (n, after)
+    hessians = P.BlockHessians(tensors, hp, tokens)
+    fit, held_out = hessians("blk.1.ffn_down.weight")
+    assert fit.shape == held_out.shape == (1536, 1536) and np.allclose(fit, fit.T) and not np.allclose(fit, held_out)
+    with pytest.raises(ValueError, match="after block 1"):
+        hessians("blk.0.attn_q.weight")
+    path = tmp_path / "plan.json"
+    P.save_plan(path, {n: "jlcm2" for n in names}, None, gptq, kinds)
+    assert P.load_options(path, kinds) == gptq
+    with pytest.raises(P.PlanError, match="GPTQ"):
+        P.load_options(path, frozenset())
+
+
+def test_plan_error_rounding_scores_the_widths_the_converter_rounds_by_gptq(tmp_path):
+    from jlcm_gguf.convert import Options, plan_gptq_kinds
+    opt = lambda **k: Options(model=tmp_path, outfile=tmp_path / "x.gguf", **k)  # noqa: E731
+    assert plan_gptq_kinds(opt()) == set()  # the default: scorer 6's comparison, measured better on Qwen
+    assert plan_gptq_kinds(opt(plan_error="rounding")) == {"jlcm2", "jlcm3"}
+    assert plan_gptq_kinds(opt(plan_error="rounding", rounding="gptq")) == {"jlcm2", "jlcm3", "jlcm4"}
+    assert plan_gptq_kinds(opt(plan_error="rounding", rounding="nearest")) == set()
 
 
 @pytest.mark.parametrize("drop", [(), ("ffn_gate",), ("attn_v", "ffn_up")])

@@ -28,7 +28,7 @@ def parse_args(argv=None) -> Options:
                     help="Adam steps of joint codebook/mapping learning per transformer block (0: none; see docs/ALGORITHM.md)")
     ap.add_argument("--no-learn", action="store_true", help="k-means codebooks only (no learning)")
     ap.add_argument("--rounding", choices=["auto", "gptq", "nearest"], default="auto",
-                    help="how layer weights take their codewords: gptq (column by column, each error compensated on the "
+                    help="how layer weights and an untied head take their codewords: gptq (column by column, each error compensated on the "
                          "columns not yet rounded through the full input Hessian), nearest (each weight alone), or auto "
                          "(default: gptq for 2- and 3-bit matrices, nearest for 4-bit ones)")
     ap.add_argument("--plain-ste", action="store_true", help="plain straight-through mapping gradient (ablation)")

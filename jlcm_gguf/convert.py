@@ -194,8 +194,9 @@ def convert(opt: Options) -> dict:
     from .calib import calibration_tokens, default_calibration_text
     from .checkpoint import Checkpoint, fingerprint
     from .fold import fold_global
+    from .gptq import assign_gptq
     from .init import init_codebooks
-    from .pack import quantize_to_codebooks
+    from .pack import pack_blocks, quantize_to_codebooks
     from .write import write_gguf
 
     t0 = time.time()
@@ -248,7 +249,7 @@ def convert(opt: Options) -> dict:
         raise ConvertError(f"{ckpt.dir} is the checkpoint of a conversion with other options or input: "
                            "resume with the same ones, or delete that folder")
 
-    jlcm, standard, hessians = quantize_blocks(tensors, hp, tokens, quantized, opt, ckpt)
+    jlcm, standard, hessians, head_H = quantize_blocks(tensors, hp, tokens, quantized, opt, ckpt)
     for name in ("token_embd.weight", "output.weight"):
         if name in quantized:
             embd_bits = int(opt.widths[name][4:])
@@ -256,8 +257,12 @@ def convert(opt: Options) -> dict:
             w = tensors[name][ro.order]
             h = hessians.get("output")
             cb = init_codebooks(w, h, ro.bounds, embd_bits, opt.variant, opt.seed, **fast_init(opt))
-            jlcm[name] = dict(packed=quantize_to_codebooks(w, embd_bits, cb, ro.bounds, h), bits=embd_bits,
-                              codebooks=cb, bounds=ro.bounds, perm=ro.order)
+            if name == "output.weight" and head_H is not None:  # the embedding is a lookup: no input to weigh
+                log.info("GPTQ rounding of the head (%d rows)", w.shape[0])
+                packed = pack_blocks(*assign_gptq(w, embd_bits, cb, ro.bounds, head_H), embd_bits)
+            else:
+                packed = quantize_to_codebooks(w, embd_bits, cb, ro.bounds, h)
+            jlcm[name] = dict(packed=packed, bits=embd_bits, codebooks=cb, bounds=ro.bounds, perm=ro.order)
 
     instance.ftype = gguf.LlamaFileType(F.FTYPE_IDS[layer_bits(opt.widths, tensors, opt.bits)])
     summary = write_gguf(instance, order, tensors, jlcm, opt, tmp_out, standard, hessians)
@@ -276,7 +281,7 @@ def plan_gptq_kinds(opt: Options) -> frozenset[str]:
 
 
 def gptq_rounding(opt: Options, name: str) -> bool:
-    """Whether a layer matrix planned as JLCM takes GPTQ rounding. "auto" leaves 4-bit matrices to nearest
+    """Whether a layer matrix or the head planned as JLCM takes GPTQ rounding. "auto" leaves 4-bit matrices to nearest
     rounding: with the default 32 calibration windows GPTQ made SmolLM2's 4-bit file worse (its Hessian
     estimate is too noisy for errors that small) and the 2- and 3-bit files better."""
     return opt.rounding == "gptq" or opt.rounding == "auto" and int(opt.widths[name][4:]) <= 3
@@ -401,8 +406,9 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
     """Block by block: input statistics from the quantized model's own activations (errors of earlier
     blocks included), group/fold, init, optional learning against the float block's output, pack.
     Updates `tensors` with folded neighbours; returns the JLCM specs, the raw bytes of the layer matrices
-    the plan stores in llama.cpp types, and the input Hessian diagonals ('output': the head's input). With a checkpoint, each finished block is saved and a resumed run
-    starts after the last one saved."""
+    the plan stores in llama.cpp types, the input Hessian diagonals ('output': the head's input) and, if the head
+    takes GPTQ rounding, its full input Hessian (else None). With a checkpoint, each finished block is saved and
+    a resumed run starts after the last one saved."""
     import torch
     from tqdm import tqdm
 
@@ -520,9 +526,11 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         if ckpt is not None:
             ckpt.save(bid, {n: jlcm[n] for n in specs}, folded, x_q, y_f,
                       {k: v for k, v in standard.items() if k.startswith(f"blk.{bid}.")})
-    moments = M.InputMoments()
+    head_gptq = "output.weight" in quantized and gptq_rounding(opt, "output.weight")
+    moments = M.InputHessians() if head_gptq else M.InputMoments()
     with torch.inference_mode():
         for x in x_q:
             moments("output", M.rms_norm(x, M.t(tensors["output_norm.weight"]), hp.rms_eps))
-    hessians.update(moments.means(sum(len(x) for x in x_q)))
-    return jlcm, standard, hessians
+    count = sum(len(x) for x in x_q)
+    hessians.update(moments.means(count))
+    return jlcm, standard, hessians, moments.matrices(count)["output"] if head_gptq else None

@@ -101,13 +101,30 @@ def test_peak_rss_is_the_tools_own_not_this_process():
     del ballast
 
 
-def test_rounding_auto_is_gptq_up_to_3_bits_and_nearest_at_4(tiny, tmp_path):
-    def convert(bits: int, rounding: str) -> bytes:
-        out = tmp_path / f"{bits}-{rounding}.gguf"
-        res = run(CONVERTER + [tiny, "--outfile", out, "--bits", bits, "--rounding", rounding, "--nsamples", "4",
-                               "--seqlen", "64"], timeout=1200)
-        assert res.returncode == 0, res.stderr[-3000:]
-        return out.read_bytes()
+def test_rounding_auto_is_gptq_up_to_3_bits_and_nearest_at_4(tiny, tmp_path, monkeypatch):
+    """Layer matrices and the head (its input: the final norm's output) take GPTQ rounding at 2 and 3 bits
+    under auto; the token embedding, a lookup, is always rounded to the nearest codeword."""
+    from gguf import GGUFReader
 
-    assert convert(4, "auto") == convert(4, "nearest")
-    assert convert(3, "auto") == convert(3, "gptq") != convert(3, "nearest")
+    def convert(bits: int, rounding: str) -> Path:
+        out = tmp_path / f"{bits}-{rounding}.gguf"
+        res = run(CONVERTER + [tiny, "--outfile", out, "--bits", bits, "--embd-type", f"jlcm{bits}", "--rounding",
+                               rounding, "--nsamples", "4", "--seqlen", "64"], timeout=1200)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return out
+
+    assert convert(4, "auto").read_bytes() == convert(4, "nearest").read_bytes()
+    auto = convert(3, "auto")
+    assert auto.read_bytes() == convert(3, "gptq").read_bytes() != convert(3, "nearest").read_bytes()
+
+    # the same conversion with the head alone left to nearest rounding differs in the head's indices only
+    import jlcm_gguf.convert as C
+    from jlcm_gguf.cli import parse_args
+    layers_only = tmp_path / "3-layers-only.gguf"
+    opt = parse_args([str(tiny), "--outfile", str(layers_only), "--bits", "3", "--embd-type", "jlcm3",
+                      "--nsamples", "4", "--seqlen", "64"])
+    monkeypatch.setattr(C, "gptq_rounding", lambda o, name, rule=C.gptq_rounding: name != "output.weight" and rule(o, name))
+    C.convert(opt)
+    data = [{t.name: bytes(t.data) for t in GGUFReader(f).tensors} for f in (auto, layers_only)]
+    assert data[0].keys() == data[1].keys()
+    assert [n for n in data[0] if data[0][n] != data[1][n]] == ["output.weight"]

@@ -23,6 +23,8 @@ def tool(name: str) -> Path:
 def run(args, **kw) -> subprocess.CompletedProcess:
     kw.setdefault("capture_output", True)
     kw.setdefault("text", True)
+    if kw["text"]:  # a random-weight model may emit a token that ends inside a UTF-8 sequence
+        kw.setdefault("errors", "replace")
     kw.setdefault("timeout", 600)
     return subprocess.run([str(a) for a in args], **kw)
 

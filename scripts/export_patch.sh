@@ -18,4 +18,5 @@ series 0004-llama-jlcm-companions-ftypes.patch include src tools
 series 0005-tests-jlcm-types.patch tests
 series 0006-gguf-py-jlcm-types.patch gguf-py
 series 0007-gguf-shape-check-as-ggml.patch ggml/src/gguf.cpp
+series 0008-ggml-backends-jlcm-stays-with-companions.patch ggml/src/ggml-backend.cpp ggml/src/ggml-blas ggml/src/ggml-rpc
 ls -1 "$out"/*.patch

@@ -19,6 +19,9 @@ compgen -G "/usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-*.a" >/dev/
 # the aarch64 cross compilers and qemu-user, for the NEON kernel tests (scripts/cross_kernels.py)
 command -v aarch64-linux-gnu-g++ >/dev/null || need_pkgs+=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)
 command -v qemu-aarch64 >/dev/null || need_pkgs+=(qemu-user)
+# OpenBLAS, for the BLAS build the tests compare against (build-blas)
+[ -f /usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h ] || [ -f /usr/include/openblas/cblas.h ] || \
+    compgen -G "/usr/include/*/openblas*/cblas.h" >/dev/null || need_pkgs+=(libopenblas-dev pkg-config)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
@@ -49,8 +52,16 @@ log "building llama.cpp (ccache; a clean build takes ~6 min on 2 cores)"
 cmake -S . -B build -DJLCM_LLAMA_SOURCE_DIR="$LLAMA" >build/cmake-configure.log 2>&1 || {
     tail -30 build/cmake-configure.log; exit 1; }
 cmake --build build -j"$JOBS" --target llama-cli llama-completion llama-perplexity llama-bench llama-quantize \
-    llama-imatrix llama-server test-quantize-fns test-backend-ops jlcm-kernel-check >build/cmake-build.log 2>&1 || {
-    tail -50 build/cmake-build.log; exit 1; }
+    llama-imatrix llama-server llama-export-lora ggml-rpc-server test-quantize-fns test-backend-ops jlcm-kernel-check jlcm-offload-check \
+    >build/cmake-build.log 2>&1 || { tail -50 build/cmake-build.log; exit 1; }
+
+# the same tree with OpenBLAS (what macOS's Accelerate and many Linux builds do): BLAS claims large matmuls, and
+# the tests check it leaves JLCM weights to the CPU backend (ccache makes this cheap after the build above)
+log "building llama.cpp with -DGGML_BLAS=ON (OpenBLAS) into build-blas"
+cmake -S . -B build-blas -DJLCM_LLAMA_SOURCE_DIR="$LLAMA" -DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS \
+    >build/blas-configure.log 2>&1 || { tail -30 build/blas-configure.log; exit 1; }
+cmake --build build-blas -j"$JOBS" --target llama-perplexity test-backend-ops >build/blas-build.log 2>&1 || {
+    tail -50 build/blas-build.log; exit 1; }
 
 log "building the unpatched GGUF reader (tests check that stock ggml refuses JLCM files)"
 STOCK=$("$VPY" scripts/fetch_llama.py --stock)

@@ -20,7 +20,7 @@ import numpy as np
 
 SUFFIX = ".jlcm-resume"
 FINGERPRINT_OPTIONS = ("bits", "groups", "variant", "embd_type", "nsamples", "seqlen", "seed", "learn_steps",
-                       "plain_ste", "widths", "rotate", "fast", "rounding", "learn_loss")
+                       "learn_mappings", "widths", "rotate", "fast", "rounding", "learn_loss")
 
 
 def converter_source_hash() -> str:
@@ -67,9 +67,9 @@ class Checkpoint:
             return int(z["done"]), str(z["key"]) == self.key
 
     def save(self, bid: int, specs: dict, folded: dict, x_q: list, x_f: list | None,
-             standard: dict | None = None) -> None:
+             standard: dict | None = None, learned: dict | None = None) -> None:
         """Block bid is finished: its JLCM specs, the raw bytes of its matrices in llama.cpp types, the
-        tensors folding changed, the activations after it."""
+        tensors folding changed, its learning report, the activations after it."""
         self.dir.mkdir(exist_ok=True)
         arrays = {}
         for name, s in specs.items():
@@ -81,14 +81,17 @@ class Checkpoint:
             arrays[f"tensor|{name}"] = t
         for name, data in (standard or {}).items():
             arrays[f"standard|{name}"] = data
+        if learned is not None:
+            arrays["learn|report"] = np.str_(json.dumps(learned))
         _save_npz(self.dir / f"block-{bid:03d}.npz", arrays)
         state = {"key": np.str_(self.key), "done": np.int64(bid + 1), "x_q": np.stack([x.numpy() for x in x_q])}
         if x_f is not None:
             state["x_f"] = np.stack([x.numpy() for x in x_f])
         _save_npz(self.dir / "state.npz", state)
 
-    def restore(self, jlcm: dict, tensors: dict, standard: dict) -> tuple[int, list, list | None]:
-        """Loads the finished blocks into jlcm, tensors and standard; returns (blocks done, x_q, x_f or None)."""
+    def restore(self, jlcm: dict, tensors: dict, standard: dict, report: list | None = None) -> tuple[int, list, list | None]:
+        """Loads the finished blocks into jlcm, tensors, standard and (their learning reports) report; returns
+        (blocks done, x_q, x_f or None)."""
         import torch
         with np.load(self.dir / "state.npz") as z:
             done = int(z["done"])
@@ -102,6 +105,8 @@ class Checkpoint:
                         tensors[name] = z[key]
                     elif kind == "standard":
                         standard[name] = z[key]
+                    elif kind == "learn" and report is not None:
+                        report.append(json.loads(str(z[key])))
                     elif kind == "jlcm":
                         spec = jlcm.setdefault(name, {"perm": None})
                         spec[field[0]] = int(z[key]) if field[0] == "bits" else z[key]

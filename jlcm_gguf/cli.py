@@ -31,7 +31,12 @@ def parse_args(argv=None) -> Options:
                     help="how layer weights and an untied head take their codewords: gptq (column by column, each error compensated on the "
                          "columns not yet rounded through the full input Hessian), nearest (each weight alone), or auto "
                          "(default: gptq for 2- and 3-bit matrices, nearest for 4-bit ones)")
-    ap.add_argument("--plain-ste", action="store_true", help="plain straight-through mapping gradient (ablation)")
+    ap.add_argument("--learn-mappings", choices=["proximal", "plain", "off"], default="proximal",
+                    help="how learning updates the codeword indices: proximal (default; moves to adjacent codewords "
+                         "chosen by the loss's local model, kept only if the loss falls), plain (straight-through "
+                         "estimator, ablation) or off (codebooks and scales only, ablation); docs/ALGORITHM.md")
+    ap.add_argument("--report", type=Path, help="write per-block learning figures (loss before/after, fraction of "
+                    "indices changed) and totals to this JSON file")
     ap.add_argument("--learn-loss", choices=["residual", "normed"], default="residual",
                     help="what learning reconstructs: each block's output (residual stream, default), or, as an "
                          "ablation, that output after the next attention RMSNorm (docs/ALGORITHM.md)")
@@ -74,7 +79,7 @@ def parse_args(argv=None) -> Options:
     outfile = a.outfile or a.model / f"{a.model.name}-jlcm{a.bits}.gguf"
     return Options(model=a.model, outfile=outfile, bits=a.bits, groups=a.groups, variant=a.variant,
                    embd_type=a.embd_type or "jlcm4", embd_pinned=a.embd_type is not None, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                   threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, plain_ste=a.plain_ste, learn_loss=a.learn_loss, rounding=a.rounding,
+                   threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, learn_mappings=a.learn_mappings, report=a.report, learn_loss=a.learn_loss, rounding=a.rounding,
                    resume=a.resume, target_bytes=target_bytes, target_bpw=a.target_bpw or 0.0, plan=a.plan,
                    save_plan=a.save_plan, plan_error=a.plan_error, fast=a.fast, kquants=a.kquants, rotate=a.rotate)
 

@@ -49,7 +49,8 @@ class Options:
     learn_steps: int = 0       # 0: k-means codebooks only (--no-learn)
     rounding: str = "auto"     # layer weights onto codebooks: "gptq" (full input Hessian, gptq.py), "nearest", or
                                # "auto": gptq up to 3 bits, nearest at 4 (docs/results-gptq.md)
-    plain_ste: bool = False
+    learn_mappings: str = "proximal"  # how learning updates the indices: "proximal", "plain" (STE), "off" (learn.py)
+    report: Path | None = None  # --report: per-block learning figures as JSON
     learn_loss: str = "residual"  # the block output's error as is, or "normed": as the next RMSNorm passes it on
     resume: bool = False       # continue an interrupted conversion from its last finished block
     target_bytes: int = 0      # --target-size: the file fits in this many bytes (a per-tensor plan, plan.py)
@@ -249,7 +250,8 @@ def convert(opt: Options) -> dict:
         raise ConvertError(f"{ckpt.dir} is the checkpoint of a conversion with other options or input: "
                            "resume with the same ones, or delete that folder")
 
-    jlcm, standard, hessians, head_H = quantize_blocks(tensors, hp, tokens, quantized, opt, ckpt)
+    learned: list = []
+    jlcm, standard, hessians, head_H = quantize_blocks(tensors, hp, tokens, quantized, opt, ckpt, learned)
     for name in ("token_embd.weight", "output.weight"):
         if name in quantized:
             embd_bits = int(opt.widths[name][4:])
@@ -269,7 +271,31 @@ def convert(opt: Options) -> dict:
     ckpt.remove()
     summary["seconds"] = time.time() - t0
     summary["widths"] = dict(opt.widths)
+    if learned:
+        summary["learning"] = learning_totals(learned)
+    if opt.report:
+        write_report(opt, summary, learned)
     return summary
+
+
+def learning_totals(blocks: list) -> dict:
+    """The whole conversion's learning figures from the per-block ones."""
+    n = sum(b["indices"] for b in blocks)
+    changed = sum(b["indices_changed"] for b in blocks)
+    return dict(blocks=len(blocks), blocks_kept=sum(b["kept"] for b in blocks), indices=n,
+                indices_changed=changed, indices_changed_frac=changed / max(1, n),
+                loss_before_mean=float(np.mean([b["loss_before"] for b in blocks])),
+                loss_after_mean=float(np.mean([min(b["loss_after"], b["loss_before"]) for b in blocks])))
+
+
+def write_report(opt: Options, summary: dict, blocks: list) -> None:
+    """--report FILE.json: what the conversion did, per transformer block and in total (written whole or not at all)."""
+    report = dict(model=str(opt.model), outfile=str(opt.outfile), bits=opt.bits, learn_steps=opt.learn_steps,
+                  learn_mappings=opt.learn_mappings, seconds=summary["seconds"], bytes=summary["bytes"],
+                  bpw=summary["bpw"], learning=summary.get("learning"), blocks=blocks)
+    tmp = opt.report.with_name(opt.report.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, opt.report)
 
 
 def plan_gptq_kinds(opt: Options) -> frozenset[str]:
@@ -402,13 +428,14 @@ def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: 
 
 
 def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: set[str],
-                    opt: Options, ckpt=None) -> tuple[dict, dict, dict]:
+                    opt: Options, ckpt=None, report: list | None = None) -> tuple[dict, dict, dict]:
     """Block by block: input statistics from the quantized model's own activations (errors of earlier
     blocks included), group/fold, init, optional learning against the float block's output, pack.
     Updates `tensors` with folded neighbours; returns the JLCM specs, the raw bytes of the layer matrices
     the plan stores in llama.cpp types, the input Hessian diagonals ('output': the head's input) and, if the head
     takes GPTQ rounding, its full input Hessian (else None). With a checkpoint, each finished block is saved and
-    a resumed run starts after the last one saved."""
+    a resumed run starts after the last one saved. With learning, each block's figures (loss before and after,
+    fraction of indices changed) are appended to `report`."""
     import torch
     from tqdm import tqdm
 
@@ -424,7 +451,7 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
     hessians: dict = {}
     start = 0
     if ckpt is not None and ckpt.found():
-        start, x_q, x_f = ckpt.restore(jlcm, tensors, standard)
+        start, x_q, x_f = ckpt.restore(jlcm, tensors, standard, report)
         x_f = x_f if x_f is not None else x_q
         log.info("resuming after block %d of %d from %s", start, hp.n_layer, ckpt.dir)
     else:
@@ -464,7 +491,8 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         full.clear()
 
         if opt.learn_steps:
-            params = {n: make_param(n, s["idx"], s["d"], s["cb"], s["ro"].bounds) for n, s in specs.items()}
+            params = {n: make_param(n, s["idx"], s["d"], s["cb"], s["ro"].bounds,
+                                    hessians.get(n.removesuffix(".weight"))) for n, s in specs.items()}
             inverse = {n: torch.as_tensor(np.argsort(s["ro"].order)) for n, s in specs.items() if s["ro"].stored}
             base = {k: v for k, v in tensors.items() if k.startswith(f"blk.{bid}.")}
 
@@ -489,13 +517,22 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
                                      for i in range(0, len(x_in), batch)) / y_t.numel() / norm)
 
             before = block_loss()
-            learn_block(block_fn, list(params.values()), x_in, y_t, opt.learn_steps, seed=opt.seed + bid,
-                        plain_ste=opt.plain_ste)
+            stats = learn_block(block_fn, list(params.values()), x_in, y_t, opt.learn_steps, seed=opt.seed + bid,
+                                mappings=opt.learn_mappings)
             after = block_loss()
-            bar.set_postfix(loss=f"{before:.4f}->{after:.4f}")
-            if after < before:  # learning is kept only where it lowered the loss on all calibration windows
+            kept = after < before  # learning is kept only where it lowered the loss on all calibration windows
+            if kept:
                 for n, p in params.items():
                     specs[n]["idx"], specs[n]["d"], specs[n]["cb"] = finalize(p)
+            learned = dict(block=bid, loss_before=before, loss_after=after, kept=bool(kept),
+                           indices=stats.weights, indices_changed=stats.changed if kept else 0,
+                           steps=opt.learn_steps, mapping_steps_kept=stats.accepted,
+                           mapping_steps_rejected=stats.rejected)
+            if report is not None:
+                report.append(learned)
+            moved = sum(b["indices_changed"] for b in report or [learned])
+            total = sum(b["indices"] for b in report or [learned])
+            bar.set_postfix(loss=f"{before:.4f}->{after:.4f}", moved=f"{100 * moved / max(1, total):.2f}%")
 
         logical = {}
         for name, s in specs.items():
@@ -525,7 +562,8 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         x_f = y_f if y_f is not None else x_q
         if ckpt is not None:
             ckpt.save(bid, {n: jlcm[n] for n in specs}, folded, x_q, y_f,
-                      {k: v for k, v in standard.items() if k.startswith(f"blk.{bid}.")})
+                      {k: v for k, v in standard.items() if k.startswith(f"blk.{bid}.")},
+                      learned if opt.learn_steps else None)
     head_gptq = "output.weight" in quantized and gptq_rounding(opt, "output.weight")
     moments = M.InputHessians() if head_gptq else M.InputMoments()
     with torch.inference_mode():

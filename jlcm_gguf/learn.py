@@ -1,31 +1,39 @@
 """Learn step: joint optimisation of codebooks, block scales and index mappings on a block's
 reconstruction loss (docs/ALGORITHM.md).
 
-Each quantized weight keeps a continuous latent position u over its group's sorted codebook. The forward
-pass rounds it, i = clamp(round(u), 0, K-1), and builds w = d_block * c_g[i]. Codebook entries c and block
-scales d get their exact gradients. The mapping u gets the *proximal* straight-through surrogate
+Each quantized weight is w = d_block * c_g[i] with i an index into its group's sorted codebook c_g. Codebook
+entries and block scales get exact gradients and Adam steps. The mapping i is updated by one of
+(`--learn-mappings`):
 
-    dL/du = (dL/dw * d) / gap,    gap = distance to the neighbouring codeword in the descent direction,
-
-whose magnitude decreases with the gap (the plain STE, dL/dw * d * gap, grows with it and drives indices
-to the extreme codewords), and after every optimiser step u is clipped to within one codeword of where
-the step started, so an index moves at most to an adjacent codeword per step.
+- ``proximal`` (default): a discrete proximal step. From the gradient G = dL/dc at each weight, every weight's
+  move to an adjacent codeword (never further) is scored by the local quadratic model of the loss,
+  gain = -G*delta - H/2 * (d*delta)^2 with H's diagonal taken as the layer input's second moment h_j (up to a
+  per-matrix factor), so a move across a small gap needs a small gradient and one across a large gap a large
+  one. The best-scoring fraction of each matrix moves (a trust region on the fraction of indices); the step is
+  kept only if the loss of the step's batch falls, and the fraction grows after a kept step and halves after a
+  rejected one.
+- ``plain``: the plain straight-through estimator on a continuous latent u (dL/du = G * gap), Adam on u,
+  indices round(u) clipped to move at most one codeword per step (the ablation).
+- ``off``: codebooks and block scales only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .format import QK
 
+MAPPINGS = ("proximal", "plain", "off")
+
 
 class CodebookWeight(torch.autograd.Function):
-    """w = d[row, block] * cb[group(row), round(u)] with the proximal (or plain) straight-through u-gradient."""
+    """w = d[row, block] * cb[group(row), round(u)]; u's gradient is G = dL/d(codeword value) for the proximal
+    step, the plain STE G * gap for 'plain', none for 'off'."""
 
     @staticmethod
-    def forward(ctx, u, cb, d, grp, plain_ste: bool):
+    def forward(ctx, u, cb, d, grp, mappings: str):
         k = cb.shape[1]
         i = u.round().clamp(0, k - 1).long()
         key = grp[:, None] * k + i                                   # flat codebook entry of each weight
@@ -33,7 +41,7 @@ class CodebookWeight(torch.autograd.Function):
         cv = flat[key]
         dx = d.repeat_interleave(QK, dim=1)
         ctx.save_for_backward(key, cb, dx, cv)
-        ctx.plain_ste = plain_ste
+        ctx.mappings = mappings
         return dx * cv
 
     @staticmethod
@@ -41,105 +49,232 @@ class CodebookWeight(torch.autograd.Function):
         key, cb, dx, cv = ctx.saved_tensors
         rows, cols = g.shape
         gd = g * dx                                                  # dL/d(codeword value)
-        grad_cb = torch.zeros(cb.numel(), dtype=gd.dtype).index_add_(0, key.reshape(-1), gd.reshape(-1)).view_as(cb)
+        grad_cb = torch.zeros(cb.numel(), dtype=gd.dtype, device=gd.device).index_add_(
+            0, key.reshape(-1), gd.reshape(-1)).view_as(cb)
         grad_d = (g * cv).view(rows, cols // QK, QK).sum(-1)
-        # each codeword's gap to the next one up and down (0 past the ends), looked up per weight
-        gaps, zero = cb[:, 1:] - cb[:, :-1], cb.new_zeros(cb.shape[0], 1)
-        up, down = torch.cat([gaps, zero], 1).reshape(-1), torch.cat([zero, gaps], 1).reshape(-1)
-        gap = torch.where(gd < 0, up[key], down[key])                # descent on u moves the index up where gd < 0
-        grad_u = gd * gap if ctx.plain_ste else proximal_surrogate(gd, gap)
+        if ctx.mappings == "plain":
+            gaps, zero = cb[:, 1:] - cb[:, :-1], cb.new_zeros(cb.shape[0], 1)
+            up, down = torch.cat([gaps, zero], 1).reshape(-1), torch.cat([zero, gaps], 1).reshape(-1)
+            grad_u = gd * torch.where(gd < 0, up[key], down[key])    # descent on u raises the index where gd < 0
+        elif ctx.mappings == "proximal":
+            grad_u = gd
+        else:
+            grad_u = None
         return grad_u, grad_cb.to(cb.dtype), grad_d, None, None
-
-
-def proximal_surrogate(gd: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
-    """The documented mapping gradient for a weight with codeword gradient gd and gap to its neighbour."""
-    return torch.where(gap > 0, gd / gap.clamp(min=1e-8), torch.zeros_like(gd))
 
 
 @dataclass
 class QuantParam:
     """One quantized matrix under learning (stored row order)."""
     name: str
-    u: torch.Tensor          # [rows, cols] latent index positions
-    cb: torch.Tensor         # [groups, K] float codebook (int8 units)
+    u: torch.Tensor          # [rows, cols] index positions (integers except under 'plain')
+    cb: torch.Tensor         # [groups, K] float codebook (int8 units), sorted
     d0: torch.Tensor         # [rows, cols/64] initial block scales (fixed)
     r: torch.Tensor          # [rows, cols/64] learned relative scale, d = d0 * r
     grp: torch.Tensor        # [rows] group of each stored row
+    h: torch.Tensor | None = None   # [cols] input second moment (the proximal step's curvature), None: ones
+    row_curv: torch.Tensor | None = None  # [rows] a_i of the loss's curvature H_ij ~ a_i * h_j (estimate_curvature)
+    start: torch.Tensor = field(default=None)  # indices at the start, for the report
 
-    def weight(self, plain_ste: bool = False) -> torch.Tensor:
-        return CodebookWeight.apply(self.u, self.cb, self.d0 * self.r, self.grp, plain_ste)
+    def __post_init__(self):
+        if self.start is None:
+            self.start = self.u.detach().round().clone()
+
+    def weight(self, mappings: str = "proximal") -> torch.Tensor:
+        return CodebookWeight.apply(self.u, self.cb, self.d0 * self.r, self.grp, mappings)
 
     def indices(self) -> np.ndarray:
-        return self.u.detach().round().clamp(0, self.cb.shape[1] - 1).to(torch.uint8).numpy()
+        return self.u.detach().round().clamp(0, self.cb.shape[1] - 1).to(torch.uint8).cpu().numpy()
+
+    def changed(self) -> int:
+        """How many indices differ from where learning started."""
+        return int((self.u.detach().round() != self.start).sum())
 
 
-def make_param(name: str, idx: np.ndarray, d: np.ndarray, cb: np.ndarray, bounds: np.ndarray) -> QuantParam:
+def make_param(name: str, idx: np.ndarray, d: np.ndarray, cb: np.ndarray, bounds: np.ndarray,
+               h: np.ndarray | None = None, device: str = "cpu") -> QuantParam:
     grp = np.searchsorted(bounds, np.arange(idx.shape[0]), side="right")
     order = np.argsort(cb, axis=1, kind="stable")             # learning works on sorted codebooks
     rank = np.argsort(order, axis=1)
     sidx = rank[grp[:, None], idx]
     return QuantParam(name,
-                      torch.tensor(sidx, dtype=torch.float32, requires_grad=True),
-                      torch.tensor(np.take_along_axis(cb, order, axis=1), dtype=torch.float32, requires_grad=True),
-                      torch.tensor(d.astype(np.float32)),
-                      torch.ones(d.shape, dtype=torch.float32, requires_grad=True),
-                      torch.tensor(grp, dtype=torch.long))
+                      torch.tensor(sidx, dtype=torch.float32, device=device),
+                      torch.tensor(np.take_along_axis(cb, order, axis=1), dtype=torch.float32, device=device,
+                                   requires_grad=True),
+                      torch.tensor(d.astype(np.float32), device=device),
+                      torch.ones(d.shape, dtype=torch.float32, device=device, requires_grad=True),
+                      torch.tensor(grp, dtype=torch.long, device=device),
+                      None if h is None else torch.tensor(np.asarray(h, np.float32), device=device))
 
 
 def finalize(p: QuantParam) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(idx, d float16, int8 codebooks) of a learned parameter; the codebook is re-quantized to int8 and the
     block scales absorb its normalisation."""
-    cb = p.cb.detach().numpy().astype(np.float64)
+    cb = p.cb.detach().cpu().numpy().astype(np.float64)
     m = np.abs(cb).max(axis=1, keepdims=True)
     m = np.where(m > 0, m, 1)
     cb8 = np.round(cb / m * 127).clip(-127, 127).astype(np.int8)
-    scale = (m[:, 0] / 127)[p.grp.numpy()]                    # per stored row
-    d = ((p.d0 * p.r).detach().numpy() * scale[:, None]).astype(np.float16)
+    scale = (m[:, 0] / 127)[p.grp.cpu().numpy()]              # per stored row
+    d = ((p.d0 * p.r).detach().cpu().numpy() * scale[:, None]).astype(np.float16)
     return p.indices(), d, cb8
 
 
+def proximal_moves(p: QuantParam, frac: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The proximal mapping step's proposal for one matrix: (flat positions, +1/-1 moves) of at most `frac` of
+    its weights, each to an adjacent codeword, from G = p.u.grad (dL/d codeword value).
+
+    A move by delta codeword units changes w by d*delta, and the loss by G*delta + H_ij/2 * (d*delta)^2 to second
+    order, with the Gauss-Newton diagonal H_ij ~ a_i * h_j (p.row_curv, p.h; estimate_curvature). Moves predicted
+    to lower the loss are candidates, the most negative first: a weight moves only when its gradient outweighs
+    the cost of the move, so a large gap needs a large gradient."""
+    with torch.no_grad():
+        g = p.u.grad
+        k = p.cb.shape[1]
+        i = p.u.round().clamp(0, k - 1).long()
+        base = p.grp[:, None] * k
+        flat = p.cb.detach().reshape(-1)
+        c = flat[base + i]
+        d = (p.d0 * p.r).detach().repeat_interleave(QK, dim=1)
+        h = p.h[None, :] if p.h is not None else torch.ones_like(g[:1])
+        a = p.row_curv[:, None] if p.row_curv is not None else torch.zeros_like(g[:, :1])
+        change = []
+        for step in (1, -1):
+            j = (i + step).clamp(0, k - 1)
+            delta = flat[base + j] - c                               # 0 at the end of the codebook
+            dl = g * delta + 0.5 * a * h * (d * delta).pow(2)
+            change.append(torch.where(delta != 0, dl, torch.full_like(dl, float("inf"))))
+        up, down = change
+        best = torch.minimum(up, down).reshape(-1)
+        n = int(min((best < 0).sum().item(), max(1, round(frac * best.numel()))))
+        if n == 0:
+            return best.new_zeros(0, dtype=torch.long), best.new_zeros(0)
+        pos = torch.topk(best, n, largest=False).indices
+        move = torch.where(up.reshape(-1)[pos] <= down.reshape(-1)[pos], 1.0, -1.0)
+        return pos, move
+
+
+def estimate_curvature(block_fn, params: list[QuantParam], x_in: torch.Tensor, norm: torch.Tensor, batch: int,
+                       gen: torch.Generator, probes: int = 4) -> None:
+    """Sets each matrix's p.row_curv = a_i of the loss's Gauss-Newton diagonal H_ij ~ a_i * h_j.
+
+    For L = ||y - y*||^2 / (N * norm), GN = 2 J^T J / (N * norm). With a random +-1 cotangent v on the block output,
+    G_v = d<y, v>/dW has E[G_v,ij^2] ~ sum_t (J^T v)_ti^2 x_tj^2, so the row sums R_i = sum_j G_v,ij^2 give
+    a_i = 2 R_i / (N * norm * sum_j h_j), averaged over `probes` batches: low noise, since a row's sum spans all
+    its columns."""
+    sums = [torch.zeros(p.u.shape[0], device=p.u.device) for p in params]
+    for _ in range(probes):
+        pick = torch.randperm(x_in.shape[0], generator=gen)[:batch].to(x_in.device)
+        for p in params:
+            p.u.grad = None
+        y = block_fn({p.name: p.weight("proximal") for p in params}, x_in[pick])
+        v = torch.randint(0, 2, y.shape, generator=gen).to(y) * 2 - 1
+        (y * v).sum().backward()
+        with torch.no_grad():
+            for s, p in zip(sums, params):
+                gw = p.u.grad / (p.d0 * p.r).detach().repeat_interleave(QK, dim=1)   # d<y,v>/dw
+                s += gw.pow(2).sum(1)
+        n = y.numel()
+    for s, p in zip(sums, params):
+        hsum = float(p.h.sum()) if p.h is not None else p.u.shape[1]
+        p.row_curv = 2 * s / probes / (n * float(norm) * max(hsum, 1e-30))
+        p.u.grad = None
+    for p in params:
+        p.cb.grad = None
+        p.r.grad = None
+
+
 def clip_moves(params: list[QuantParam], before: list[torch.Tensor]) -> None:
-    """After a step: an index moves at most one codeword, and u stays in the codebook's range."""
+    """After a step: an index moves at most one codeword, and u stays in the codebook's range; codebooks stay
+    sorted (a swap re-labels the indices)."""
     with torch.no_grad():
         for p, i0 in zip(params, before):
             k = p.cb.shape[1]
             p.u.copy_(torch.minimum(torch.maximum(p.u, i0 - 1.0), i0 + 1.0).clamp(0, k - 1))
-            # keep each codebook sorted: the latent order is the codebook order
             srt, perm = p.cb.sort(dim=1)
-            if not torch.equal(perm, torch.arange(k).expand_as(perm)):
+            if not torch.equal(perm, torch.arange(k, device=perm.device).expand_as(perm)):
                 inv = perm.argsort(dim=1)
                 p.cb.copy_(srt)
                 i = p.u.round().long().clamp(0, k - 1)
                 frac = p.u - i
                 p.u.copy_(inv[p.grp[:, None], i].float() + frac)
+                p.start.copy_(inv[p.grp[:, None], p.start.long().clamp(0, k - 1)].float())
+
+
+@dataclass
+class LearnStats:
+    """What one block's learning did (the report's per-block figures)."""
+    losses: list[float]       # batch loss at each step
+    changed: int              # indices that differ from the start
+    weights: int
+    accepted: int = 0         # proximal steps whose moves were kept
+    rejected: int = 0
+
+    @property
+    def changed_frac(self) -> float:
+        return self.changed / max(1, self.weights)
 
 
 def learn_block(block_fn, params: list[QuantParam], x_in: torch.Tensor, y_target: torch.Tensor, steps: int,
                 lr_u: float = 0.02, lr_cb: float = 1e-3, lr_d: float = 1e-3, batch: int = 4, seed: int = 0,
-                plain_ste: bool = False, progress=None) -> list[float]:
-    """Adam on || block_fn(weights, x) - y ||^2 over samples; returns the loss after each step.
+                mappings: str = "proximal", move_frac: float = 2e-3, progress=None) -> LearnStats:
+    """Adam on the codebooks and block scales, and the mapping update `mappings`, on
+    || block_fn(weights, x) - y ||^2 / ||y||^2 over random batches of windows.
 
     block_fn(weights: dict[name, Tensor], x: [..., seq, n_embd]) -> [..., seq, n_embd] (x_in: [windows, seq,
-    n_embd], windows of equal length)."""
+    n_embd], windows of equal length). Adam's eps is far below the gradients' scale (they are ~1e-10 here: one
+    weight moves a normalised block loss very little), so its steps have the learning rates' size."""
+    if mappings not in MAPPINGS:
+        raise ValueError(f"mappings must be one of {MAPPINGS}, not {mappings!r}")
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam([
-        {"params": [p.u for p in params], "lr": lr_u},
-        {"params": [p.cb for p in params], "lr": lr_cb * 127},
-        {"params": [p.r for p in params], "lr": lr_d},
-    ])
-    losses = []
+    for p in params:
+        p.u.requires_grad_(mappings != "off")
+        p.u.grad = None
+    groups = [{"params": [p.cb for p in params], "lr": lr_cb * 127},
+              {"params": [p.r for p in params], "lr": lr_d}]
+    if mappings == "plain":
+        groups.append({"params": [p.u for p in params], "lr": lr_u})
+    opt = torch.optim.Adam(groups, eps=1e-30)
+    stats = LearnStats([], 0, sum(p.u.numel() for p in params))
     n = x_in.shape[0]
     norm = y_target.pow(2).mean()
+    frac = move_frac
+    if mappings == "proximal":
+        estimate_curvature(block_fn, params, x_in, norm, batch, gen)
+
+    def batch_loss(pick, mode):
+        weights = {p.name: p.weight(mode) for p in params}
+        return (block_fn(weights, x_in[pick]) - y_target[pick]).pow(2).mean() / norm  # the windows as one batch
+
     for step in range(steps):
-        pick = torch.randperm(n, generator=gen)[:batch]
-        weights = {p.name: p.weight(plain_ste) for p in params}
-        loss = (block_fn(weights, x_in[pick]) - y_target[pick]).pow(2).mean() / norm  # the windows as one batch
+        pick = torch.randperm(n, generator=gen)[:batch].to(x_in.device)
+        loss = batch_loss(pick, mappings)
         opt.zero_grad()
+        for p in params:
+            p.u.grad = None
         loss.backward()
         before = [p.u.detach().round() for p in params]
+        if mappings == "proximal":
+            moves = [proximal_moves(p, frac) for p in params]
+        if mappings == "proximal" and any(len(pos) for pos, _ in moves):  # nothing predicted to help: no trial
+            with torch.no_grad():
+                for p, (pos, mv) in zip(params, moves):
+                    p.u.view(-1)[pos] += mv
+                trial = float(batch_loss(pick, mappings))
+                if trial < float(loss):
+                    stats.accepted += 1
+                    frac = min(frac * 1.5, 0.05)
+                else:                                            # revert: the trust region shrinks
+                    for p, (pos, mv) in zip(params, moves):
+                        p.u.view(-1)[pos] -= mv
+                    stats.rejected += 1
+                    frac = max(frac * 0.5, 1e-5)
         opt.step()
         clip_moves(params, before)
-        losses.append(float(loss.detach()))
+        stats.losses.append(float(loss.detach()))
         if progress:
-            progress(step, float(loss))
-    return losses
+            progress(step, float(loss.detach()))
+    for p in params:
+        p.u.requires_grad_(False)
+        p.u.grad = None
+    stats.changed = sum(p.changed() for p in params)
+    return stats

@@ -49,7 +49,7 @@ def row_specs(a, learned, ablations) -> list[tuple[str, str, list]]:
     for b, s in ablations:  # issue #4's ablations of the learned row
         rows += [(f"jlcm-{b}bit-learn{s}", f"jlcm{b}-learn{s}.gguf", ["--bits", b, "--learn-steps", s]),
                  (f"jlcm-{b}bit-learn{s}-plain-ste", f"jlcm{b}-learn{s}-plainste.gguf",
-                  ["--bits", b, "--learn-steps", s, "--plain-ste"]),
+                  ["--bits", b, "--learn-steps", s, "--learn-mappings", "plain"]),
                  (f"jlcm-{b}bit-groups1", f"jlcm{b}-groups1.gguf", ["--bits", b, "--groups", 1]),
                  (f"jlcm-{b}bit-scales", f"jlcm{b}-scales.gguf", ["--bits", b, "--variant", "scales"]),
                  (f"jlcm-{b}bit-nearest", f"jlcm{b}-nearest.gguf", ["--bits", b, "--rounding", "nearest"])]
@@ -390,7 +390,7 @@ def main() -> int:
         for n, (sec, args) in convert_s.items():
             lines.append(f"| {n} | `{' '.join(args)}` | {sec:.0f} |")
         learned2 = [(n, sec) for n, (sec, args) in convert_s.items() if args[:2] == ["--bits", "2"] and "--learn-steps" in args
-                    and "--plain-ste" not in args]
+                    and "plain" not in args]
         for n, sec in learned2:
             lines.append("")
             lines.append(f"2-bit conversion with learning ({n}): {sec / 60:.1f} min on {a.threads} threads — "

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CONVERTER, error_line, run, tool
+from conftest import BUILD_DIR, CONVERTER, ROOT, error_line, run, tool
 from jlcm_gguf import model as M
 from jlcm_gguf.convert import Options, convert
 from jlcm_gguf.fold import fold_layer, logical
@@ -221,6 +221,29 @@ def test_converted_perplexity_finite(converted, tmp_path):
     ppl, err = perplexity(path, text, chunks=2)
     print(f"\nJLCM 2-bit SmolLM2 ({summary['bytes']:,} bytes): {name} ppl {ppl:.2f} ± {err:.2f} (2 chunks)")
     assert math.isfinite(ppl) and ppl > 1
+
+
+def test_converted_perplexity_blas_build_equals_cpu_build(converted, tmp_path):
+    """Issue #27: the converted SmolLM2 in the OpenBLAS build (build-blas, batch 512 >= BLAS's 32) against the
+    plain build, same file and text: within 1% (the BLAS build computed 6.7e16 before BLAS refused JLCM)."""
+    import re
+
+    from jlcm_gguf.evaluate import llama_cpp_docs, wikitext_test
+    path, _ = converted
+    try:
+        text = wikitext_test(tmp_path)
+    except FileNotFoundError:
+        text = llama_cpp_docs(tmp_path)
+    ppl = {}
+    for name, build in (("cpu", BUILD_DIR), ("blas", ROOT / "build-blas")):
+        binary = build / "bin" / "llama-perplexity"
+        assert binary.exists(), f"{binary} is missing: scripts/setup.sh builds it"
+        res = run([binary, "-m", path, "-f", text, "-c", "512", "--chunks", "2", "-t", "2"], timeout=600)
+        m = re.search(r"Final estimate: PPL = ([0-9.]+)", res.stdout + res.stderr)
+        assert res.returncode == 0 and m, (res.stdout + res.stderr)[-3000:]
+        ppl[name] = float(m.group(1))
+    print(f"\nJLCM 2-bit SmolLM2, 2 chunks of 512: plain build {ppl['cpu']:.3f}, OpenBLAS build {ppl['blas']:.3f}")
+    assert abs(ppl["blas"] - ppl["cpu"]) <= 0.01 * ppl["cpu"], ppl
 
 
 def test_second_evaluation_text_is_pinned(tmp_path, monkeypatch):

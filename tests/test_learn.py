@@ -7,42 +7,30 @@ import torch
 
 from jlcm_gguf import model as M
 from jlcm_gguf.init import init_codebooks
-from jlcm_gguf.learn import CodebookWeight, clip_moves, finalize, learn_block, make_param, proximal_surrogate
+from jlcm_gguf.learn import CodebookWeight, clip_moves, finalize, learn_block, make_param, proximal_moves
 from jlcm_gguf.pack import assign, dequantize, pack_blocks
 
 
-def test_surrogate_sign_and_decreasing_magnitude():
-    gd = torch.tensor([-2.0, -2.0, -2.0, 3.0, 3.0])
-    gap = torch.tensor([0.5, 1.0, 4.0, 1.0, 0.0])
-    s = proximal_surrogate(gd, gap)
-    assert torch.all(torch.sign(s[:4]) == torch.sign(gd[:4]))       # same sign as the codeword gradient
-    assert s[0].abs() > s[1].abs() > s[2].abs()                     # magnitude decreases with the gap
-    assert s[4] == 0                                                # no neighbour in that direction: no move
-
-
-def _one_row(cb_vals, idx, g, plain):
+def _one_row(cb_vals, idx, g, mappings):
     cb = torch.tensor([cb_vals], dtype=torch.float32, requires_grad=True)
     u = torch.full((1, 64), float(idx), requires_grad=True)
     d = torch.ones(1, 1, requires_grad=True)
-    w = CodebookWeight.apply(u, cb, d, torch.zeros(1, dtype=torch.long), plain)
+    w = CodebookWeight.apply(u, cb, d, torch.zeros(1, dtype=torch.long), mappings)
     (w * g).sum().backward()
-    return u.grad[0, 0].item(), cb.grad, d.grad
+    return u.grad[0, 0].item() if u.grad is not None else None, cb.grad, d.grad
 
 
-def test_proximal_versus_plain_ste_on_uneven_gaps():
+def test_mapping_gradients_by_mode():
     cb = [-100.0, -10.0, 10.0, 100.0]  # gaps 90, 20, 90
-    # loss L = g * w with g < 0 wants w larger: the index should move up from 1 (-10) towards 2 (10)
-    gp, _, _ = _one_row(cb, 1, -1.0, plain=False)
-    gs, _, _ = _one_row(cb, 1, -1.0, plain=True)
-    assert gp < 0 and gs < 0  # descent increases u
-    # from index 2 the next gap is 90: the proximal step shrinks, the plain STE grows
-    gp2, _, _ = _one_row(cb, 2, -1.0, plain=False)
-    gs2, _, _ = _one_row(cb, 2, -1.0, plain=True)
-    assert abs(gp2) < abs(gp) and abs(gs2) > abs(gs)
+    # L = g * w with g = -1: the proximal step gets G = dL/dc itself, the plain STE G times the gap it would cross
+    assert _one_row(cb, 1, -1.0, "proximal")[0] == -1.0
+    assert _one_row(cb, 1, -1.0, "plain")[0] == -20.0
+    assert _one_row(cb, 2, -1.0, "plain")[0] == -90.0
+    assert _one_row(cb, 1, -1.0, "off")[0] is None
 
 
 def test_exact_gradients_of_codebook_and_scale():
-    _, gcb, gd = _one_row([-3.0, -1.0, 1.0, 3.0], 2, 0.5, plain=False)
+    _, gcb, gd = _one_row([-3.0, -1.0, 1.0, 3.0], 2, 0.5, "proximal")
     assert torch.allclose(gcb, torch.tensor([[0.0, 0.0, 0.5 * 64, 0.0]]))  # dL/dc = sum g * d
     assert torch.allclose(gd, torch.tensor([[0.5 * 1.0 * 64]]))              # dL/dd = sum g * c
 
@@ -74,7 +62,7 @@ def _tiny_block(rng, n_embd=64, n_ff=128):
     return hp, t
 
 
-def _learn_tiny(seed: int, steps: int, plain: bool = False):
+def _learn_tiny(seed: int, steps: int, mappings: str = "proximal"):
     rng = np.random.default_rng(seed)
     hp, t = _tiny_block(rng)
     torch.manual_seed(seed)
@@ -100,12 +88,13 @@ def _learn_tiny(seed: int, steps: int, plain: bool = False):
             return float(sum((block_fn(ws, x[j]) - y[j]).pow(2).mean() for j in range(len(x))) / y.pow(2).mean() / len(x))
 
     before = full_loss()
-    learn_block(block_fn, params, x, y, steps, batch=3, seed=seed, plain_ste=plain)
-    return before, full_loss(), params
+    stats = learn_block(block_fn, params, x, y, steps, batch=3, seed=seed, mappings=mappings)
+    return before, full_loss(), params, stats
 
 
 def test_learning_lowers_block_loss():
-    before, after, params = _learn_tiny(seed=1, steps=60)
+    before, after, params, stats = _learn_tiny(seed=1, steps=60)
+    assert stats.changed > 0 and stats.accepted > 0
     assert after < 0.85 * before, (before, after)
     # finalize gives int8 codebooks and fp16 scales that pack and dequantize to the learned weights
     p = params[0]
@@ -144,3 +133,70 @@ def test_normed_learn_loss_compares_what_the_next_norm_passes_on():
     big = (f(y + torch.tensor([0.0, 0.0, 0.0, 1.0])) - f(y)).pow(2).sum()
     small = (f(y + torch.tensor([0.0, 0.0, 1.0, 0.0])) - f(y)).pow(2).sum()
     assert small > 100 * big
+
+
+def _least_squares(seed=0, rows=32, cols=128, k=4):
+    """W* on a known codebook grid; the start moves a quarter of its indices one codeword off (some at the
+    codebook's ends stay). Loss ||(W - W*) X||^2: the known optimum is W* itself."""
+    rng = np.random.default_rng(seed)
+    cb = np.sort(rng.choice(np.arange(-127, 128), k, replace=False)).astype(np.int8)[None, :]
+    bounds = np.array([rows], dtype=np.int32)
+    best = rng.integers(0, k, (rows, cols))
+    d = np.full((rows, cols // 64), 0.01, np.float32)
+    start = best.copy()
+    off = rng.random((rows, cols)) < 0.25
+    start[off] = np.clip(best[off] + rng.choice([-1, 1], off.sum()), 0, k - 1)
+    x = torch.tensor(rng.standard_normal((8, 48, cols)), dtype=torch.float32)
+    w_star = torch.tensor(0.01 * cb[0][best], dtype=torch.float32)
+    y = x @ w_star.T
+    p = make_param("w", start.astype(np.uint8), d, cb, bounds, h=np.ones(cols, np.float32))
+    return p, x, y, best, start
+
+def _linear(weights, xx):
+    return xx @ weights["w"].T
+
+
+def test_proximal_update_moves_to_the_known_optimum_one_codeword_at_a_time():
+    p, x, y, best, start = _least_squares()
+    seen = [p.u.detach().round().clone()]
+    stats = learn_block(_linear, [p], x, y, steps=80, lr_cb=0.0, lr_d=0.0, batch=4, mappings="proximal",
+                        progress=lambda step, loss: seen.append(p.u.detach().round().clone()))
+    steps = torch.stack(seen)
+    assert (steps[1:] - steps[:-1]).abs().max() <= 1, "an index jumped more than one codeword in a step"
+    wrong_before = int((start != best).sum())
+    wrong_after = int((p.indices() != best).sum())
+    assert wrong_before > 500
+    assert wrong_after < 0.1 * wrong_before, (wrong_before, wrong_after)
+    assert stats.losses[-1] < 0.05 * stats.losses[0]
+    assert stats.changed == int((p.indices() != start).sum()) > 0
+
+
+def test_proximal_update_leaves_the_optimum_alone():
+    """At the optimum no move lowers the loss: nothing moves (every trial is rejected)."""
+    p, x, y, best, _ = _least_squares(seed=1)
+    with torch.no_grad():
+        p.u.copy_(torch.tensor(best, dtype=torch.float32))
+        p.start.copy_(p.u)
+    stats = learn_block(_linear, [p], x, y, steps=20, lr_cb=0.0, lr_d=0.0, mappings="proximal")
+    assert stats.changed == 0 and stats.accepted == 0
+
+
+def test_proximal_scores_prefer_small_moves():
+    """Same gradient, a near and a far neighbour: only the move across the small gap is proposed."""
+    cb = np.array([[-100, -10, 10, 100]], np.int8)
+    p = make_param("w", np.array([[1] * 64, [2] * 64], np.uint8), np.ones((2, 1), np.float32), cb,
+                   np.array([2], np.int32))
+    p.u.grad = torch.full((2, 64), -1.0)   # dL/dc < 0: both rows want larger values
+    p.row_curv = torch.full((2,), 0.05)     # loss change of a move: -gap + 0.025 gap^2: -10 for 20, +112 for 90
+    pos, move = proximal_moves(p, frac=1.0)
+    assert len(pos) == 64 and torch.all(pos < 64) and torch.all(move == 1)  # row 0 (gap 20), not row 1 (gap 90)
+    p.row_curv = None                       # first order only: both rows would move
+    assert len(proximal_moves(p, frac=1.0)[0]) == 128
+
+
+def test_mapping_modes_move_or_not():
+    off = _learn_tiny(seed=3, steps=15, mappings="off")[3]
+    plain = _learn_tiny(seed=3, steps=30, mappings="plain")[3]
+    prox = _learn_tiny(seed=3, steps=15, mappings="proximal")[3]
+    assert off.changed == 0
+    assert plain.changed > 0 and prox.changed > 0

@@ -313,3 +313,54 @@ def test_overflowing_shape_refused_not_aborted(tmp_path, shape):
     assert res.returncode > 0, f"exit {res.returncode} (a negative one is a signal): {res.stderr[-2000:]}"
     res = _load_in_python(bad)
     assert "incorrect shape for a tensor 'w' may cause overflow errors" in res.stderr, res.stderr[-3000:]
+
+
+def _kill_after(args: list, out: Path, blocks: int) -> int:
+    ckpt = Path(str(out) + ".jlcm-resume")
+    proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while _blocks_done(ckpt) < blocks:
+        assert proc.poll() is None, f"the conversion ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, "no block finished in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    return _blocks_done(ckpt)
+
+
+def test_learning_report_and_resume_equal_an_uninterrupted_run(small, tmp_path):
+    """With joint learning (proximal mappings) and --report: a killed and resumed conversion writes the same bytes
+    and the same per-block report as an uninterrupted one; the report's totals add up."""
+    learn = FAST + ["--learn-steps", "6"]
+    ref, ref_report = tmp_path / "ref.gguf", tmp_path / "ref.json"
+    res = run(CONVERTER + [small, "--outfile", ref, "--report", ref_report] + learn)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(ref_report.read_text())
+    assert report["learn_mappings"] == "proximal" and len(report["blocks"]) == N_LAYER
+    for b in report["blocks"]:
+        assert set(b) >= {"block", "loss_before", "loss_after", "kept", "indices", "indices_changed"}
+        assert b["kept"] == (b["loss_after"] < b["loss_before"])
+    tot = report["learning"]
+    assert tot["indices"] == sum(b["indices"] for b in report["blocks"]) > 0
+    assert tot["indices_changed"] == sum(b["indices_changed"] for b in report["blocks"])
+    assert tot["indices_changed_frac"] == tot["indices_changed"] / tot["indices"]
+
+    out, out_report = tmp_path / "out.gguf", tmp_path / "out.json"
+    args = CONVERTER + [small, "--outfile", out, "--report", out_report] + learn
+    done = _kill_after(args, out, 2)
+    assert 2 <= done < N_LAYER
+    res = run(args + ["--resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert out.read_bytes() == ref.read_bytes()
+    resumed = json.loads(out_report.read_text())
+    assert resumed["blocks"] == report["blocks"] and resumed["learning"] == report["learning"]
+
+
+def test_learn_mappings_off_changes_no_index(small, tmp_path):
+    report = tmp_path / "off.json"
+    res = run(CONVERTER + [small, "--outfile", tmp_path / "off.gguf", "--report", report, "--learn-mappings", "off"]
+              + FAST + ["--learn-steps", "6"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(report.read_text())
+    assert r["learn_mappings"] == "off" and r["learning"]["indices_changed"] == 0
+    assert any(b["kept"] for b in r["blocks"]), "codebook and scale learning lowered no block's loss"

@@ -33,6 +33,21 @@ class ConvertError(SystemExit):
         super().__init__("error: " + (one_line if len(one_line) <= limit else one_line[:limit - 3] + "..."))
 
 
+AUTO_TUNE_STEPS = 64
+AUTO_TUNE_PARAMS = (100e6, 1e9)  # --tune-steps auto tunes models of this many parameters (2-core CPU time)
+
+
+def auto_tune_steps(tensors: dict, windows: int) -> int:
+    """--tune-steps auto: AUTO_TUNE_STEPS for models of 0.1-1B parameters with at least 16 calibration windows
+    (some are held out), else 0: a larger model's steps take proportionally longer on a CPU, and a test-sized
+    model or calibration set does not need them."""
+    n = sum(int(np.prod(np.shape(v))) for v in tensors.values())
+    steps = AUTO_TUNE_STEPS if AUTO_TUNE_PARAMS[0] <= n <= AUTO_TUNE_PARAMS[1] and windows >= 16 else 0
+    log.info("end-to-end tuning: %s (--tune-steps auto: %.2fB parameters, %d calibration windows%s)",
+             f"{steps} steps" if steps else "off", n / 1e9, windows, "" if steps else "; pass --tune-steps N to tune")
+    return steps
+
+
 @dataclass
 class Options:
     model: Path
@@ -49,6 +64,7 @@ class Options:
     learn_steps: int = 0       # 0: k-means codebooks only (--no-learn)
     rounding: str = "auto"     # layer weights onto codebooks: "gptq" (full input Hessian, gptq.py), "nearest", or
                                # "auto": gptq up to 3 bits, nearest at 4 (docs/results-gptq.md)
+    tune_steps: int = 0        # end-to-end tuning steps after the block-wise pass (tune.py), 0: none, -1: auto_tune_steps
     learn_mappings: str = "proximal"  # how learning updates the indices: "proximal", "plain" (STE), "off" (learn.py)
     report: Path | None = None  # --report: per-block learning figures as JSON
     learn_loss: str = "residual"  # the block output's error as is, or "normed": as the next RMSNorm passes it on
@@ -266,6 +282,13 @@ def convert(opt: Options) -> dict:
                 packed = quantize_to_codebooks(w, embd_bits, cb, ro.bounds, h)
             jlcm[name] = dict(packed=packed, bits=embd_bits, codebooks=cb, bounds=ro.bounds, perm=ro.order)
 
+    tuning = None
+    if opt.tune_steps < 0:
+        opt.tune_steps = auto_tune_steps(tensors, len(tokens))
+    if opt.tune_steps and jlcm:
+        from .tune import tune_end_to_end
+        tuning = tune_end_to_end(tensors, jlcm, standard, opt.widths, hp, tokens, opt.tune_steps, seed=opt.seed)
+
     instance.ftype = gguf.LlamaFileType(F.FTYPE_IDS[layer_bits(opt.widths, tensors, opt.bits)])
     summary = write_gguf(instance, order, tensors, jlcm, opt, tmp_out, standard, hessians)
     ckpt.remove()
@@ -273,6 +296,8 @@ def convert(opt: Options) -> dict:
     summary["widths"] = dict(opt.widths)
     if learned:
         summary["learning"] = learning_totals(learned)
+    if tuning:
+        summary["tuning"] = tuning
     if opt.report:
         write_report(opt, summary, learned)
     return summary
@@ -292,7 +317,7 @@ def write_report(opt: Options, summary: dict, blocks: list) -> None:
     """--report FILE.json: what the conversion did, per transformer block and in total (written whole or not at all)."""
     report = dict(model=str(opt.model), outfile=str(opt.outfile), bits=opt.bits, learn_steps=opt.learn_steps,
                   learn_mappings=opt.learn_mappings, seconds=summary["seconds"], bytes=summary["bytes"],
-                  bpw=summary["bpw"], learning=summary.get("learning"), blocks=blocks)
+                  bpw=summary["bpw"], learning=summary.get("learning"), tuning=summary.get("tuning"), blocks=blocks)
     tmp = opt.report.with_name(opt.report.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, opt.report)

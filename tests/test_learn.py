@@ -189,9 +189,11 @@ def test_proximal_scores_prefer_small_moves():
     p.u.grad = torch.full((2, 64), -1.0)   # dL/dc < 0: both rows want larger values
     p.row_curv = torch.full((2,), 0.05)     # loss change of a move: -gap + 0.025 gap^2: -10 for 20, +112 for 90
     pos, move = proximal_moves(p, frac=1.0)
-    assert len(pos) == 64 and torch.all(pos < 64) and torch.all(move == 1)  # row 0 (gap 20), not row 1 (gap 90)
-    p.row_curv = None                       # first order only: both rows would move
-    assert len(proximal_moves(p, frac=1.0)[0]) == 128
+    # row 0 (gap 20) moves, row 1 (gap 90) does not; at most one move per row and per column in a step
+    assert len(pos) == 1 and torch.all(pos < 64) and torch.all(move == 1)
+    p.row_curv = None                       # first order only, the far move looks better (-90 against -20)
+    pos, _ = proximal_moves(p, frac=1.0)
+    assert len(pos) == 1 and pos[0] >= 64
 
 
 def test_mapping_modes_move_or_not():
@@ -200,3 +202,12 @@ def test_mapping_modes_move_or_not():
     prox = _learn_tiny(seed=3, steps=15, mappings="proximal")[3]
     assert off.changed == 0
     assert plain.changed > 0 and prox.changed > 0
+
+
+def test_auto_tune_steps_by_model_size_and_windows():
+    from jlcm_gguf.convert import AUTO_TUNE_STEPS, auto_tune_steps
+    t135m = {"a": np.zeros((135_000, 1000), np.float16)}
+    assert auto_tune_steps(t135m, 32) == AUTO_TUNE_STEPS
+    assert auto_tune_steps(t135m, 8) == 0                                  # too few windows to hold some out
+    assert auto_tune_steps({"a": np.zeros((50_000, 1000), np.float16)}, 32) == 0     # test-sized
+    assert auto_tune_steps({"a": np.zeros((1_600_000, 1000), np.float16)}, 32) == 0  # 1.6B: hours on a CPU

@@ -43,8 +43,8 @@ def forward(tokens: torch.Tensor, t: dict, hp) -> torch.Tensor:
 
 
 def tune_end_to_end(tensors: dict, jlcm: dict, standard: dict, widths: dict, hp, tokens: np.ndarray, steps: int,
-                    batch: int = 2, held_out: int = 4, lr_cb: float = 1e-3, lr_d: float = 1e-3,
-                    lr_float: float = 1e-4, seed: int = 0) -> dict:
+                    batch: int = 2, held_out: int = 4, lr_cb: float = 3e-3, lr_d: float = 3e-3,
+                    lr_float: float = 3e-4, seed: int = 0) -> dict:
     """Tunes `jlcm` (packed blocks and codebooks) and the norms/biases of `tensors` in place; returns its figures
     (KL on the held-out windows before and after, kept or not, steps, seconds)."""
     from tqdm import tqdm

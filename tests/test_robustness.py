@@ -379,7 +379,7 @@ def test_end_to_end_tuning_lowers_held_out_kl_and_changes_the_file(small, tmp_pa
     res = run(CONVERTER + [small, "--outfile", tuned, "--report", report, "--tune-steps", "12"] + args)
     assert res.returncode == 0, res.stderr[-3000:]
     t = json.loads(report.read_text())["tuning"]
-    assert t["kept"] and t["kl_after"] < 0.9 * t["kl_before"], t
+    assert t["kept"] and t["kl_after"] < 0.95 * t["kl_before"], t
     a, b = GGUFReader(str(base)), GGUFReader(str(tuned))
     assert [(x.name, x.tensor_type) for x in a.tensors] == [(x.name, x.tensor_type) for x in b.tensors]
     assert base.stat().st_size == tuned.stat().st_size and base.read_bytes() != tuned.read_bytes()

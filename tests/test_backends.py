@@ -49,14 +49,17 @@ def blas_tool(name: str) -> Path:
 
 
 def perplexity(binary: Path, model: Path, text: Path, *extra) -> tuple[float, str]:
-    """(PPL, log); the log has the scheduler's node assignments (GGML_SCHED_DEBUG=2 with -v)."""
+    """(PPL, log of a second one-chunk run with the scheduler's node assignments, GGML_SCHED_DEBUG=2 with -v).
+    Two runs: under that flood of debug lines llama.cpp's asynchronous logger may drop its last lines."""
     # -b/-ub 128: one 128-token batch per chunk, so BLAS's threshold (32) is passed by every matmul
-    res = run([binary, "-m", model, "-f", text, "-c", "128", "-b", "128", "-ub", "128", "--chunks", "3", "-t", "2",
-               "-v", *extra], timeout=600, env={**os.environ, "GGML_SCHED_DEBUG": "2"})
+    cmd = [binary, "-m", model, "-f", text, "-c", "128", "-b", "128", "-ub", "128", "-t", "2", *extra]
+    res = run(cmd + ["--chunks", "3"], timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", res.stdout + res.stderr)
     assert m, (res.stdout + res.stderr)[-3000:]
-    return float(m.group(1)), res.stdout + res.stderr
+    dbg = run(cmd + ["--chunks", "1", "-v"], timeout=600, env={**os.environ, "GGML_SCHED_DEBUG": "2"})
+    assert dbg.returncode == 0, dbg.stderr[-3000:]
+    return float(m.group(1)), res.stdout + res.stderr + dbg.stdout + dbg.stderr
 
 
 def matmul_backends(log: str) -> Counter:

@@ -74,7 +74,6 @@ class QuantParam:
     grp: torch.Tensor        # [rows] group of each stored row
     h: torch.Tensor | None = None   # [cols] input second moment (the proximal step's curvature), None: ones
     row_curv: torch.Tensor | None = None  # [rows] a_i of the loss's curvature H_ij ~ a_i * h_j (estimate_curvature)
-    curv: torch.Tensor | None = None      # [rows, cols] the curvature per weight, where estimated per weight
     start: torch.Tensor = field(default=None)  # indices at the start, for the report
 
     def __post_init__(self):
@@ -137,10 +136,7 @@ def proximal_moves(p: QuantParam, frac: float) -> tuple[torch.Tensor, torch.Tens
         c = flat[base + i]
         d = (p.d0 * p.r).detach().repeat_interleave(QK, dim=1)
         h = p.h[None, :] if p.h is not None else torch.ones_like(g[:1])
-        if p.curv is not None:
-            a, h = p.curv, 1.0
-        else:
-            a = p.row_curv[:, None] if p.row_curv is not None else torch.zeros_like(g[:, :1])
+        a = p.row_curv[:, None] if p.row_curv is not None else torch.zeros_like(g[:, :1])
         change = []
         for step in (1, -1):
             j = (i + step).clamp(0, k - 1)
@@ -166,7 +162,7 @@ def proximal_moves(p: QuantParam, frac: float) -> tuple[torch.Tensor, torch.Tens
 
 
 def estimate_curvature(block_fn, params: list[QuantParam], x_in: torch.Tensor, norm: torch.Tensor, batch: int,
-                       gen: torch.Generator, probes: int = 4, per_weight: bool = False) -> None:
+                       gen: torch.Generator, probes: int = 4) -> None:
     """Sets each matrix's p.row_curv = a_i of the loss's Gauss-Newton diagonal H_ij ~ a_i * h_j.
 
     For L = ||y - y*||^2 / (N * norm), GN = 2 J^T J / (N * norm). With a random +-1 cotangent v on the block output,
@@ -174,7 +170,6 @@ def estimate_curvature(block_fn, params: list[QuantParam], x_in: torch.Tensor, n
     a_i = 2 R_i / (N * norm * sum_j h_j), averaged over `probes` batches: low noise, since a row's sum spans all
     its columns."""
     sums = [torch.zeros(p.u.shape[0], device=p.u.device) for p in params]
-    full = [torch.zeros(p.u.shape, device=p.u.device) for p in params] if per_weight else None
     for _ in range(probes):
         pick = torch.randperm(x_in.shape[0], generator=gen)[:batch].to(x_in.device)
         for p in params:
@@ -186,14 +181,10 @@ def estimate_curvature(block_fn, params: list[QuantParam], x_in: torch.Tensor, n
             for s, p in zip(sums, params):
                 gw = p.u.grad / (p.d0 * p.r).detach().repeat_interleave(QK, dim=1)   # d<y,v>/dw
                 s += gw.pow(2).sum(1)
-                if full is not None:
-                    full[params.index(p)] += gw.pow(2)
         n = y.numel()
     for s, p in zip(sums, params):
         hsum = float(p.h.sum()) if p.h is not None else p.u.shape[1]
         p.row_curv = 2 * s / probes / (n * float(norm) * max(hsum, 1e-30))
-        if full is not None:
-            p.curv = 2 * full[params.index(p)] / probes / (n * float(norm))
         p.u.grad = None
     for p in params:
         p.cb.grad = None
@@ -207,14 +198,21 @@ def clip_moves(params: list[QuantParam], before: list[torch.Tensor]) -> None:
         for p, i0 in zip(params, before):
             k = p.cb.shape[1]
             p.u.copy_(torch.minimum(torch.maximum(p.u, i0 - 1.0), i0 + 1.0).clamp(0, k - 1))
-            srt, perm = p.cb.sort(dim=1)
-            if not torch.equal(perm, torch.arange(k, device=perm.device).expand_as(perm)):
-                inv = perm.argsort(dim=1)
-                p.cb.copy_(srt)
-                i = p.u.round().long().clamp(0, k - 1)
-                frac = p.u - i
-                p.u.copy_(inv[p.grp[:, None], i].float() + frac)
-                p.start.copy_(inv[p.grp[:, None], p.start.long().clamp(0, k - 1)].float())
+            keep_sorted(p)
+
+
+def keep_sorted(p: QuantParam) -> None:
+    """Re-sorts each codebook after a step; indices (and the start indices) follow their codewords."""
+    with torch.no_grad():
+        k = p.cb.shape[1]
+        srt, perm = p.cb.sort(dim=1)
+        if not torch.equal(perm, torch.arange(k, device=perm.device).expand_as(perm)):
+            inv = perm.argsort(dim=1)
+            p.cb.copy_(srt)
+            i = p.u.round().long().clamp(0, k - 1)
+            frac = p.u - i
+            p.u.copy_(inv[p.grp[:, None], i].float() + frac)
+            p.start.copy_(inv[p.grp[:, None], p.start.long().clamp(0, k - 1)].float())
 
 
 @dataclass

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import model as M
-from .learn import finalize, make_param
+from .learn import finalize, keep_sorted, make_param
 from .pack import pack_blocks, unpack_blocks
 
 log = logging.getLogger("jlcm-tune")
@@ -107,13 +107,8 @@ def tune_end_to_end(tensors: dict, jlcm: dict, standard: dict, widths: dict, hp,
         opt.zero_grad()
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for p in params.values():  # keep each codebook sorted (indices follow their codewords)
-                srt, perm = p.cb.sort(dim=1)
-                if not torch.equal(perm, torch.arange(p.cb.shape[1]).expand_as(perm)):
-                    inv = perm.argsort(dim=1)
-                    p.cb.copy_(srt)
-                    p.u.copy_(inv[p.grp[:, None], p.u.long()].float())
+        for p in params.values():
+            keep_sorted(p)
         losses.append(float(loss.detach()))
         bar.set_postfix(kl=f"{losses[-1]:.4f}")
     after = held_out_kl()

@@ -40,6 +40,13 @@ def parse_args(argv=None) -> Options:
                          "biases to the float model's next-token distribution (KL) on the calibration windows; 0: none; "
                          f"auto (default): {AUTO_TUNE_STEPS} for models of 0.1-1B parameters, none otherwise (on 2 CPU "
                          "cores a step of a 135M model takes ~8 s; docs/ALGORITHM.md)")
+    ap.add_argument("--tune-mappings", choices=["off", "proximal", "plain"], default="off",
+                    help="how end-to-end tuning updates the indices: off (default: the block-wise pass's indices stay; "
+                         "on SmolLM2 at 2 bits no proposed move passed the test, docs/ALGORITHM.md), proximal or plain "
+                         "as --learn-mappings; a mapping update makes a tuning step about 2.5 times as long")
+    ap.add_argument("--tune-mapping-confidence", type=float, default=2.0, metavar="Z",
+                    help="(research) --tune-mappings proximal proposes a move only if the gradient's mean, shrunk "
+                         "towards zero by Z standard errors, predicts a lower loss (default 2; 0: the raw mean)")
     ap.add_argument("--report", type=Path, help="write per-block learning figures (loss before/after, fraction of "
                     "indices changed) and totals to this JSON file")
     ap.add_argument("--learn-loss", choices=["residual", "normed"], default="residual",
@@ -86,7 +93,7 @@ def parse_args(argv=None) -> Options:
     outfile = a.outfile or a.model / f"{a.model.name}-jlcm{a.bits}.gguf"
     return Options(model=a.model, outfile=outfile, bits=a.bits, groups=a.groups, variant=a.variant,
                    embd_type=a.embd_type or "jlcm4", embd_pinned=a.embd_type is not None, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                   threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, learn_mappings=a.learn_mappings, tune_steps=-1 if a.tune_steps == "auto" else int(a.tune_steps), report=a.report, learn_loss=a.learn_loss, rounding=a.rounding,
+                   threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, learn_mappings=a.learn_mappings, tune_mappings=a.tune_mappings, tune_confidence=a.tune_mapping_confidence, tune_steps=-1 if a.tune_steps == "auto" else int(a.tune_steps), report=a.report, learn_loss=a.learn_loss, rounding=a.rounding,
                    resume=a.resume, target_bytes=target_bytes, target_bpw=a.target_bpw or 0.0, plan=a.plan,
                    save_plan=a.save_plan, plan_error=a.plan_error, fast=a.fast, kquants=a.kquants, rotate=a.rotate)
 
@@ -97,8 +104,8 @@ def main(argv=None) -> int:
         s = convert(opt)  # ConvertError (a SystemExit) prints its one line and exits 1
     except KeyboardInterrupt:
         from .checkpoint import SUFFIX
-        print(f"interrupted: no output written; finished blocks are kept in {opt.outfile}{SUFFIX}/ "
-              "for --resume", file=sys.stderr)
+        print(f"interrupted: no output written; finished blocks (and end-to-end tuning, saved every 2 minutes) are "
+              f"kept in {opt.outfile}{SUFFIX}/ for --resume", file=sys.stderr)
         return 130
     print(f"wrote {s['file']}: {s['bytes']:,} bytes, {s['bpw']:.3f} bits per weight overall, "
           f"{s['jlcm_bpw']:.3f} in JLCM tensors ({s['seconds']:.0f} s)")

@@ -66,6 +66,8 @@ class Options:
                                # "auto": gptq up to 3 bits, nearest at 4 (docs/results-gptq.md)
     tune_steps: int = 0        # end-to-end tuning steps after the block-wise pass (tune.py), 0: none, -1: auto_tune_steps
     learn_mappings: str = "proximal"  # how learning updates the indices: "proximal", "plain" (STE), "off" (learn.py)
+    tune_mappings: str = "off"        # the same for end-to-end tuning (tune.py)
+    tune_confidence: float = 2.0      # tuning's proximal moves need a gradient this many standard errors from 0
     report: Path | None = None  # --report: per-block learning figures as JSON
     learn_loss: str = "residual"  # the block output's error as is, or "normed": as the next RMSNorm passes it on
     resume: bool = False       # continue an interrupted conversion from its last finished block
@@ -253,7 +255,14 @@ def convert(opt: Options) -> dict:
     except Exception as e:  # noqa: BLE001 - any failure here is a bad tokenizer
         raise ConvertError(f"cannot load the tokenizer of {opt.model}: {e}")
     calib = opt.calib or default_calibration_text()
-    tokens = calibration_tokens(calib, tokenizer, opt.nsamples, opt.seqlen, opt.seed)
+    if opt.tune_steps < 0:
+        opt.tune_steps = auto_tune_steps(tensors, opt.nsamples)
+    # tuning sees fresh windows at every step (repeating a few windows overfits the mappings); the block-wise pass
+    # takes the first nsamples of the same draw
+    from .tune import windows_needed
+    all_tokens = calibration_tokens(calib, tokenizer, max(opt.nsamples, windows_needed(opt.tune_steps)), opt.seqlen,
+                                    opt.seed)
+    tokens = all_tokens[:opt.nsamples]
 
     opt.widths = plan_widths(instance, order, tensors, hp, tokens, opt)
     quantized = {n for n, k in opt.widths.items() if k.startswith("jlcm")}
@@ -283,11 +292,13 @@ def convert(opt: Options) -> dict:
             jlcm[name] = dict(packed=packed, bits=embd_bits, codebooks=cb, bounds=ro.bounds, perm=ro.order)
 
     tuning = None
-    if opt.tune_steps < 0:
-        opt.tune_steps = auto_tune_steps(tensors, len(tokens))
     if opt.tune_steps and jlcm:
         from .tune import tune_end_to_end
-        tuning = tune_end_to_end(tensors, jlcm, standard, opt.widths, hp, tokens, opt.tune_steps, seed=opt.seed)
+        ckpt.dir.mkdir(exist_ok=True)
+        tuning = tune_end_to_end(tensors, jlcm, standard, opt.widths, hp, all_tokens, opt.tune_steps, seed=opt.seed,
+                                 mappings=opt.tune_mappings, confidence=opt.tune_confidence,
+                                 checkpoint=ckpt.dir / "tune.pt",
+                                 key=f"{ckpt.key}:{opt.tune_steps}:{opt.tune_mappings}:{opt.tune_confidence}")
 
     instance.ftype = gguf.LlamaFileType(F.FTYPE_IDS[layer_bits(opt.widths, tensors, opt.bits)])
     summary = write_gguf(instance, order, tensors, jlcm, opt, tmp_out, standard, hessians)
@@ -313,11 +324,21 @@ def learning_totals(blocks: list) -> dict:
                 loss_after_mean=float(np.mean([min(b["loss_after"], b["loss_before"]) for b in blocks])))
 
 
+def indices_changed(summary: dict) -> dict:
+    """Indices moved by block-wise learning and by tuning together (each pass's count against where it started, so
+    an index moved by both counts twice)."""
+    passes = [summary.get("learning"), summary.get("tuning")]
+    n = max((p["indices"] for p in passes if p), default=0)
+    changed = sum(p["indices_changed"] for p in passes if p)
+    return dict(indices=n, changed=changed, frac=changed / max(1, n))
+
+
 def write_report(opt: Options, summary: dict, blocks: list) -> None:
     """--report FILE.json: what the conversion did, per transformer block and in total (written whole or not at all)."""
     report = dict(model=str(opt.model), outfile=str(opt.outfile), bits=opt.bits, learn_steps=opt.learn_steps,
                   learn_mappings=opt.learn_mappings, seconds=summary["seconds"], bytes=summary["bytes"],
-                  bpw=summary["bpw"], learning=summary.get("learning"), tuning=summary.get("tuning"), blocks=blocks)
+                  bpw=summary["bpw"], learning=summary.get("learning"), tuning=summary.get("tuning"),
+                  tune_mappings=opt.tune_mappings, indices_changed=indices_changed(summary), blocks=blocks)
     tmp = opt.report.with_name(opt.report.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, opt.report)

@@ -119,29 +119,33 @@ def finalize(p: QuantParam) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return p.indices(), d, cb8
 
 
-def proximal_moves(p: QuantParam, frac: float) -> tuple[torch.Tensor, torch.Tensor]:
+def proximal_moves(p: QuantParam, frac: float, grad: torch.Tensor | None = None,
+                   curv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The proximal mapping step's proposal for one matrix: (flat positions, +1/-1 moves) of at most `frac` of
-    its weights, each to an adjacent codeword, from G = p.u.grad (dL/d codeword value).
+    its weights, each to an adjacent codeword, from G = dL/d codeword value (`grad`, default p.u.grad).
 
-    A move by delta codeword units changes w by d*delta, and the loss by G*delta + H_ij/2 * (d*delta)^2 to second
-    order, with the Gauss-Newton diagonal H_ij ~ a_i * h_j (p.row_curv, p.h; estimate_curvature). Moves predicted
-    to lower the loss are candidates, the most negative first: a weight moves only when its gradient outweighs
-    the cost of the move, so a large gap needs a large gradient."""
+    A move by delta codeword units changes the loss by G*delta + C/2 * delta^2 to second order, C the loss's
+    curvature in codeword units (`curv`; default the block model's Gauss-Newton diagonal a_i * h_j * d^2 from
+    p.row_curv and p.h, estimate_curvature). Moves predicted to lower the loss are candidates, the most negative
+    first: a weight moves only when its gradient outweighs the cost of the move, so a large gap needs a large
+    gradient."""
     with torch.no_grad():
-        g = p.u.grad
+        g = p.u.grad if grad is None else grad
         k = p.cb.shape[1]
         i = p.u.round().clamp(0, k - 1).long()
         base = p.grp[:, None] * k
         flat = p.cb.detach().reshape(-1)
         c = flat[base + i]
-        d = (p.d0 * p.r).detach().repeat_interleave(QK, dim=1)
-        h = p.h[None, :] if p.h is not None else torch.ones_like(g[:1])
-        a = p.row_curv[:, None] if p.row_curv is not None else torch.zeros_like(g[:, :1])
+        if curv is None:
+            d = (p.d0 * p.r).detach().repeat_interleave(QK, dim=1)
+            h = p.h[None, :] if p.h is not None else torch.ones_like(g[:1])
+            a = p.row_curv[:, None] if p.row_curv is not None else torch.zeros_like(g[:, :1])
+            curv = a * h * d.pow(2)
         change = []
         for step in (1, -1):
             j = (i + step).clamp(0, k - 1)
             delta = flat[base + j] - c                               # 0 at the end of the codebook
-            dl = g * delta + 0.5 * a * h * (d * delta).pow(2)
+            dl = g * delta + 0.5 * curv * delta.pow(2)
             change.append(torch.where(delta != 0, dl, torch.full_like(dl, float("inf"))))
         up, down = change
         best = torch.minimum(up, down)
@@ -159,6 +163,55 @@ def proximal_moves(p: QuantParam, frac: float) -> tuple[torch.Tensor, torch.Tens
         pos = rows * best.shape[1] + col[rows]
         move = torch.where(up.reshape(-1)[pos] <= down.reshape(-1)[pos], 1.0, -1.0)
         return pos, move
+
+
+def predicted_change(p: QuantParam, pos: torch.Tensor, move: torch.Tensor, grad: torch.Tensor,
+                     curv: torch.Tensor) -> float:
+    """The second-order model's loss change, G*delta + C/2 * delta^2 summed, of the moves (pos, move)."""
+    with torch.no_grad():
+        k = p.cb.shape[1]
+        i = p.u.view(-1)[pos].round().long()
+        base = p.grp[pos // p.u.shape[1]] * k
+        flat = p.cb.detach().reshape(-1)
+        delta = flat[base + (i + move.long()).clamp(0, k - 1)] - flat[base + i]
+        return float((grad.reshape(-1)[pos] * delta + 0.5 * curv.reshape(-1)[pos] * delta.pow(2)).sum())
+
+
+def try_moves(params: list[QuantParam], moves: list[tuple[torch.Tensor, torch.Tensor]], loss: float,
+              trial_loss) -> bool | None:
+    """Applies the proposed `moves` (proximal_moves of each matrix) and keeps them only if `trial_loss()` is below
+    `loss`, the same batch's loss before them; None when nothing was proposed."""
+    if not any(len(pos) for pos, _ in moves):
+        return None
+    with torch.no_grad():
+        for p, (pos, mv) in zip(params, moves):
+            p.u.view(-1)[pos] += mv
+        if trial_loss() < loss:
+            return True
+        for p, (pos, mv) in zip(params, moves):
+            p.u.view(-1)[pos] -= mv
+    return False
+
+
+@dataclass
+class TrustRegion:
+    """The fraction of each matrix's indices a proximal step may move: x1.5 after a kept step, /2 after a rejected
+    one, within [lo, hi]."""
+    frac: float
+    lo: float
+    hi: float
+    accepted: int = 0
+    rejected: int = 0
+
+    def update(self, kept: bool | None) -> None:
+        if kept is None:
+            return
+        if kept:
+            self.accepted += 1
+            self.frac = min(self.frac * 1.5, self.hi)
+        else:
+            self.rejected += 1
+            self.frac = max(self.frac * 0.5, self.lo)
 
 
 def estimate_curvature(block_fn, params: list[QuantParam], x_in: torch.Tensor, norm: torch.Tensor, batch: int,
@@ -256,7 +309,7 @@ def learn_block(block_fn, params: list[QuantParam], x_in: torch.Tensor, y_target
     stats = LearnStats([], 0, sum(p.u.numel() for p in params))
     n = x_in.shape[0]
     norm = y_target.pow(2).mean()
-    frac = move_frac
+    region = TrustRegion(move_frac, 1e-5, 0.05)
     if mappings == "proximal":
         estimate_curvature(block_fn, params, x_in, norm, batch, gen)
 
@@ -273,20 +326,9 @@ def learn_block(block_fn, params: list[QuantParam], x_in: torch.Tensor, y_target
         loss.backward()
         before = [p.u.detach().round() for p in params]
         if mappings == "proximal":
-            moves = [proximal_moves(p, frac) for p in params]
-        if mappings == "proximal" and any(len(pos) for pos, _ in moves):  # nothing predicted to help: no trial
-            with torch.no_grad():
-                for p, (pos, mv) in zip(params, moves):
-                    p.u.view(-1)[pos] += mv
-                trial = float(batch_loss(pick, mappings))
-                if trial < float(loss):
-                    stats.accepted += 1
-                    frac = min(frac * 1.5, 0.05)
-                else:                                            # revert: the trust region shrinks
-                    for p, (pos, mv) in zip(params, moves):
-                        p.u.view(-1)[pos] -= mv
-                    stats.rejected += 1
-                    frac = max(frac * 0.5, 1e-5)
+            kept = try_moves(params, [proximal_moves(p, region.frac) for p in params], float(loss.detach()),
+                             lambda: float(batch_loss(pick, mappings)))
+            region.update(kept)
         opt.step()
         if opt_u is not None:
             opt_u.step()
@@ -298,4 +340,5 @@ def learn_block(block_fn, params: list[QuantParam], x_in: torch.Tensor, y_target
         p.u.requires_grad_(False)
         p.u.grad = None
     stats.changed = sum(p.changed() for p in params)
+    stats.accepted, stats.rejected = region.accepted, region.rejected
     return stats

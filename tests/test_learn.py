@@ -211,3 +211,113 @@ def test_auto_tune_steps_by_model_size_and_windows():
     assert auto_tune_steps(t135m, 8) == 0                                  # too few windows to hold some out
     assert auto_tune_steps({"a": np.zeros((50_000, 1000), np.float16)}, 32) == 0     # test-sized
     assert auto_tune_steps({"a": np.zeros((1_600_000, 1000), np.float16)}, 32) == 0  # 1.6B: hours on a CPU
+
+
+def _tiny_model(seed: int = 0, n_layer: int = 2, vocab: int = 96, moved: float = 0.05, windows: int = 64):
+    """A two-block model whose layer matrices are exactly 2-bit JLCM weights (the float model the tuning matches),
+    quantized to specs whose indices are `moved` of the way off by one codeword (a known optimum to return to),
+    and random calibration windows. Returns (tensors, specs, hp, tokens, optimal indices)."""
+    rng = np.random.default_rng(seed)
+    hp, t = _tiny_block(rng)
+    hp.n_layer = n_layer
+    for bid in range(1, n_layer):
+        t.update({k.replace("blk.0.", f"blk.{bid}."): (v if v.ndim == 1 else rng.standard_normal(v.shape) * 0.2)
+                  .astype(np.float32) for k, v in list(t.items()) if k.startswith("blk.0.")})
+    t["token_embd.weight"] = (0.3 * rng.standard_normal((vocab, hp.n_embd))).astype(np.float32)
+    t["output_norm.weight"] = np.ones(hp.n_embd, np.float32)
+    jlcm, best = {}, {}
+    for n, w in list(t.items()):
+        if n.startswith("blk.") and w.ndim == 2:
+            b = np.array([w.shape[0] // 2, w.shape[0]], dtype=np.int32)
+            cb = init_codebooks(w, None, b, 2)
+            idx, d = assign(w, 2, cb, b)
+            t[n] = dequantize(pack_blocks(idx, d, 2), 2, w.shape[1], cb, b)
+            best[n] = idx
+            rank = np.argsort(np.argsort(cb, axis=1), axis=1)[np.searchsorted(b, np.arange(w.shape[0]), side="right")]
+            order = np.argsort(cb, axis=1)[np.searchsorted(b, np.arange(w.shape[0]), side="right")]
+            r = np.take_along_axis(rank, idx.astype(np.int64), axis=1)           # sorted position of each index
+            step = np.where(rng.random(r.shape) < moved, rng.choice([-1, 1], r.shape), 0)
+            r = np.clip(r + step, 0, 3)
+            start = np.take_along_axis(order, r, axis=1).astype(np.uint8)
+            jlcm[n] = dict(packed=pack_blocks(start, d, 2), bits=2, codebooks=cb, bounds=b, perm=None)
+    tokens = rng.integers(0, vocab, size=(windows, 24))
+    return t, jlcm, hp, tokens, best
+
+
+def _tune(mappings: str, steps: int = 8, **kw):
+    from jlcm_gguf.tune import tune_end_to_end
+    t, jlcm, hp, tokens, best = _tiny_model()
+    res = tune_end_to_end(t, jlcm, {}, {}, hp, tokens, steps, batch=2, held_out=3, mappings=mappings, **kw)
+    return res, jlcm, best, t
+
+
+def _wrong(jlcm: dict, best: dict) -> int:
+    from jlcm_gguf.pack import unpack_blocks
+    return sum(int((unpack_blocks(s["packed"], 2, best[n].shape[1])[0] != best[n]).sum()) for n, s in jlcm.items())
+
+
+def test_tuning_mapping_update_moves_one_codeword_and_keeps_only_what_lowers_the_loss(monkeypatch):
+    """End-to-end tuning's proximal mapping update (without the confidence shrinkage, so that moves are proposed
+    on this noisy toy): indices move at most one codeword per step, a step's moves are kept exactly when they
+    lowered its batch's KL, and the report counts the moved indices. With 'off' no index moves."""
+    from jlcm_gguf import tune
+    seen = []
+    clip = tune.clip_moves
+
+    def watch(params, before):
+        clip(params, before)
+        seen.append(max(float((p.u.detach().round() - b).abs().max()) for p, b in zip(params, before)))
+    monkeypatch.setattr(tune, "clip_moves", watch)
+    frozen = dict(lr_cb=0.0, lr_d=0.0, lr_float=0.0)          # only the mappings change the model
+    t, jlcm, hp, tokens, best = _tiny_model()
+    wrong_before = _wrong(jlcm, best)
+    res, jlcm, best, _ = _tune("proximal", steps=20, move_frac=1e-3, confidence=0.0, **frozen)
+    assert max(seen) == 1
+    trials = res["mapping_trials"]
+    assert len(trials) == res["mapping_steps_accepted"] + res["mapping_steps_rejected"] > 0
+    assert sum(tr["actual"] < 0 for tr in trials) == res["mapping_steps_accepted"] > 0
+    # kept moves lowered the held-out KL too here (2.25 -> 2.16 with 84 indices moved): the written indices moved
+    assert res["kept"] and res["indices_changed"] > 0 and _wrong(jlcm, best) != wrong_before
+    off, jlcm_off, _, _ = _tune("off", steps=20, **frozen)
+    assert off["indices_changed"] == 0 and off["mapping_steps_accepted"] == 0 and not off["mapping_trials"]
+    assert _wrong(jlcm_off, best) == wrong_before
+
+
+def test_tuning_mapping_proposals_need_a_significant_gradient():
+    """With the default confidence (the gradient's mean shrunk by two standard errors) pure noise proposes nothing:
+    the toy's gradients carry no significant signal, and no trial is made."""
+    res = _tune("proximal", steps=12, move_frac=1e-3, lr_cb=0.0, lr_d=0.0, lr_float=0.0)[0]
+    assert res["mapping_trials"] == [] and res["indices_changed"] == 0
+
+
+def test_tuning_resumes_exactly(tmp_path, monkeypatch):
+    """A tuning run interrupted after its state was saved, then resumed, ends with the same bytes as an
+    uninterrupted run."""
+    from jlcm_gguf import tune
+    ref, jlcm_ref, _, t_ref = _tune("proximal", steps=6, move_frac=1e-3, confidence=0.0)
+    ckpt = tmp_path / "tune.pt"
+    calls = {"n": 0}
+    clip = tune.clip_moves
+
+    def interrupt_in_step_5(*a):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return clip(*a)
+    monkeypatch.setattr(tune, "clip_moves", interrupt_in_step_5)
+    try:
+        _tune("proximal", steps=6, move_frac=1e-3, confidence=0.0, checkpoint=ckpt, key="k", save_every=0)
+        raise AssertionError("not interrupted")
+    except KeyboardInterrupt:
+        pass
+    assert ckpt.exists() and torch.load(ckpt, weights_only=False)["done"] == 4
+    monkeypatch.setattr(tune, "clip_moves", clip)
+    res, jlcm, _, t = _tune("proximal", steps=6, move_frac=1e-3, confidence=0.0, checkpoint=ckpt, key="k")
+    for n, s in jlcm_ref.items():
+        assert np.array_equal(s["packed"], jlcm[n]["packed"]) and np.array_equal(s["codebooks"], jlcm[n]["codebooks"])
+    for n in t_ref:
+        assert np.array_equal(t_ref[n], t[n]), n
+    assert res["kl_after"] == ref["kl_after"] and res["indices_changed"] == ref["indices_changed"]
+    # a state saved under another key (other settings) is not resumed
+    other, _, _, _ = _tune("proximal", steps=6, move_frac=1e-3, confidence=0.0, checkpoint=ckpt, key="other")
+    assert other["kl_after"] == ref["kl_after"]

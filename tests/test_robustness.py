@@ -378,8 +378,12 @@ def test_end_to_end_tuning_lowers_held_out_kl_and_changes_the_file(small, tmp_pa
     assert run(CONVERTER + [small, "--outfile", base] + args).returncode == 0
     res = run(CONVERTER + [small, "--outfile", tuned, "--report", report, "--tune-steps", "12"] + args)
     assert res.returncode == 0, res.stderr[-3000:]
-    t = json.loads(report.read_text())["tuning"]
+    r = json.loads(report.read_text())
+    t = r["tuning"]
     assert t["kept"] and t["kl_after"] < 0.95 * t["kl_before"], t
+    # tuning leaves the indices alone by default (--tune-mappings off): the report says so
+    assert r["tune_mappings"] == "off" and t["indices_changed"] == 0 and not t["mapping_trials"]
+    assert r["indices_changed"]["changed"] == 0 and r["indices_changed"]["indices"] == t["indices"] > 0
     a, b = GGUFReader(str(base)), GGUFReader(str(tuned))
     assert [(x.name, x.tensor_type) for x in a.tensors] == [(x.name, x.tensor_type) for x in b.tensors]
     assert base.stat().st_size == tuned.stat().st_size and base.read_bytes() != tuned.read_bytes()

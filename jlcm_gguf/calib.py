@@ -44,3 +44,33 @@ def calibration_tokens(text_path: Path, tokenizer, nsamples: int, seqlen: int, s
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(ids) - seqlen, size=nsamples)
     return np.stack([ids[s:s + seqlen] for s in starts])
+
+
+CHAT_PROMPTS = ("Continue this text: {}", "What comes next? {}", "{}", "Please go on from here: {}")
+
+
+def chat_calibration_tokens(text_path: Path, tokenizer, nsamples: int, seqlen: int, seed: int) -> np.ndarray | None:
+    """nsamples windows of seqlen tokens of conversations in the model's chat template (None if it has none):
+    a user turn asks to continue a passage of the calibration text, the assistant turn continues it. Tuning on
+    them matches the float model where chat models are used, e.g. at the start of an assistant's reply."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    text = Path(text_path).read_text(encoding="utf-8", errors="replace")
+    paragraphs = [p.split() for p in text.split("\n\n") if len(p.split()) >= 24]
+    if not paragraphs:
+        return None
+    rng = np.random.default_rng(seed + 1)
+    windows = []
+    for _ in range(nsamples):
+        ids: list[int] = []
+        while len(ids) < seqlen:
+            words = paragraphs[rng.integers(len(paragraphs))]
+            start = rng.integers(0, max(1, len(words) - 24))
+            cut = start + rng.integers(8, 40)
+            end = cut + rng.integers(16, 120)
+            messages = [{"role": "user", "content": CHAT_PROMPTS[rng.integers(len(CHAT_PROMPTS))].format(
+                " ".join(words[start:cut]))}, {"role": "assistant", "content": " ".join(words[cut:end])}]
+            conv = tokenizer.apply_chat_template(messages, tokenize=True)
+            ids += list(conv["input_ids"] if isinstance(conv, dict) or hasattr(conv, "keys") else conv)
+        windows.append(ids[:seqlen])
+    return np.asarray(windows, dtype=np.int64)

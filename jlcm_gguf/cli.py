@@ -44,6 +44,9 @@ def parse_args(argv=None) -> Options:
                     help="how end-to-end tuning updates the indices: off (default: the block-wise pass's indices stay; "
                          "on SmolLM2 at 2 bits no proposed move passed the test, docs/ALGORITHM.md), proximal or plain "
                          "as --learn-mappings; a mapping update makes a tuning step about 2.5 times as long")
+    ap.add_argument("--tune-chat", type=float, default=0.0, metavar="FRACTION",
+                    help="fraction of end-to-end tuning's calibration windows formatted as conversations in the "
+                         "model's chat template (continuations of the calibration text)")
     ap.add_argument("--tune-mapping-confidence", type=float, default=2.0, metavar="Z",
                     help="(research) --tune-mappings proximal proposes a move only if the gradient's mean, shrunk "
                          "towards zero by Z standard errors, predicts a lower loss (default 2; 0: the raw mean)")
@@ -93,7 +96,7 @@ def parse_args(argv=None) -> Options:
     outfile = a.outfile or a.model / f"{a.model.name}-jlcm{a.bits}.gguf"
     return Options(model=a.model, outfile=outfile, bits=a.bits, groups=a.groups, variant=a.variant,
                    embd_type=a.embd_type or "jlcm4", embd_pinned=a.embd_type is not None, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                   threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, learn_mappings=a.learn_mappings, tune_mappings=a.tune_mappings, tune_confidence=a.tune_mapping_confidence, tune_steps=-1 if a.tune_steps == "auto" else int(a.tune_steps), report=a.report, learn_loss=a.learn_loss, rounding=a.rounding,
+                   threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, learn_mappings=a.learn_mappings, tune_mappings=a.tune_mappings, tune_confidence=a.tune_mapping_confidence, tune_chat=a.tune_chat, tune_steps=-1 if a.tune_steps == "auto" else int(a.tune_steps), report=a.report, learn_loss=a.learn_loss, rounding=a.rounding,
                    resume=a.resume, target_bytes=target_bytes, target_bpw=a.target_bpw or 0.0, plan=a.plan,
                    save_plan=a.save_plan, plan_error=a.plan_error, fast=a.fast, kquants=a.kquants, rotate=a.rotate)
 

@@ -67,6 +67,7 @@ class Options:
     tune_steps: int = 0        # end-to-end tuning steps after the block-wise pass (tune.py), 0: none, -1: auto_tune_steps
     learn_mappings: str = "proximal"  # how learning updates the indices: "proximal", "plain" (STE), "off" (learn.py)
     tune_mappings: str = "off"        # the same for end-to-end tuning (tune.py)
+    tune_chat: float = 0.0            # fraction of tuning's windows formatted as conversations (chat template)
     tune_confidence: float = 2.0      # tuning's proximal moves need a gradient this many standard errors from 0
     report: Path | None = None  # --report: per-block learning figures as JSON
     learn_loss: str = "residual"  # the block output's error as is, or "normed": as the next RMSNorm passes it on
@@ -210,7 +211,7 @@ def quantized_names(tensors: dict, hp: Hparams, embd_type: str) -> set[str]:
 
 def convert(opt: Options) -> dict:
     """Entry point of the converter. Returns a summary (sizes, bits per weight, timing)."""
-    from .calib import calibration_tokens, default_calibration_text
+    from .calib import calibration_tokens, chat_calibration_tokens, default_calibration_text
     from .checkpoint import Checkpoint, fingerprint
     from .fold import fold_global
     from .gptq import assign_gptq
@@ -260,9 +261,16 @@ def convert(opt: Options) -> dict:
     # tuning sees fresh windows at every step (repeating a few windows overfits the mappings); the block-wise pass
     # takes the first nsamples of the same draw
     from .tune import windows_needed
-    all_tokens = calibration_tokens(calib, tokenizer, max(opt.nsamples, windows_needed(opt.tune_steps)), opt.seqlen,
-                                    opt.seed)
+    n_tune = windows_needed(opt.tune_steps)
+    chat = chat_calibration_tokens(calib, tokenizer, round(opt.tune_chat * n_tune), opt.seqlen, opt.seed) \
+        if n_tune and opt.tune_chat > 0 else None
+    n_chat = 0 if chat is None else len(chat)
+    all_tokens = calibration_tokens(calib, tokenizer, max(opt.nsamples, n_tune - n_chat), opt.seqlen, opt.seed)
     tokens = all_tokens[:opt.nsamples]
+    tune_tokens = all_tokens
+    if chat is not None:   # plain and chat-formatted windows in a seeded order (the last few are held out)
+        tune_tokens = np.concatenate([all_tokens[:n_tune - n_chat], chat])
+        tune_tokens = tune_tokens[np.random.default_rng(opt.seed).permutation(len(tune_tokens))]
 
     opt.widths = plan_widths(instance, order, tensors, hp, tokens, opt)
     quantized = {n for n, k in opt.widths.items() if k.startswith("jlcm")}
@@ -295,10 +303,10 @@ def convert(opt: Options) -> dict:
     if opt.tune_steps and jlcm:
         from .tune import tune_end_to_end
         ckpt.dir.mkdir(exist_ok=True)
-        tuning = tune_end_to_end(tensors, jlcm, standard, opt.widths, hp, all_tokens, opt.tune_steps, seed=opt.seed,
+        tuning = tune_end_to_end(tensors, jlcm, standard, opt.widths, hp, tune_tokens, opt.tune_steps, seed=opt.seed,
                                  mappings=opt.tune_mappings, confidence=opt.tune_confidence,
                                  checkpoint=ckpt.dir / "tune.pt",
-                                 key=f"{ckpt.key}:{opt.tune_steps}:{opt.tune_mappings}:{opt.tune_confidence}")
+                                 key=f"{ckpt.key}:{opt.tune_steps}:{opt.tune_mappings}:{opt.tune_confidence}:{opt.tune_chat}")
 
     instance.ftype = gguf.LlamaFileType(F.FTYPE_IDS[layer_bits(opt.widths, tensors, opt.bits)])
     summary = write_gguf(instance, order, tensors, jlcm, opt, tmp_out, standard, hessians)

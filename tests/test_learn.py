@@ -321,3 +321,28 @@ def test_tuning_resumes_exactly(tmp_path, monkeypatch):
     # a state saved under another key (other settings) is not resumed
     other, _, _, _ = _tune("proximal", steps=6, move_frac=1e-3, confidence=0.0, checkpoint=ckpt, key="other")
     assert other["kl_after"] == ref["kl_after"]
+
+
+def test_chat_calibration_windows_follow_the_chat_template(smollm2, tmp_path):
+    """--tune-chat windows: conversations in the model's own template (a user turn with a passage of the
+    calibration text, the assistant turn continuing it), packed into windows of the requested length, seeded;
+    a tokenizer without a chat template gives none."""
+    from transformers import AutoTokenizer
+
+    from jlcm_gguf.calib import chat_calibration_tokens
+    tok = AutoTokenizer.from_pretrained(str(smollm2))
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(" ".join(f"w{p}x{i}" for i in range(60)) for p in range(20)))
+    w = chat_calibration_tokens(text, tok, 3, 200, seed=0)
+    assert w.shape == (3, 200) and w.dtype == np.int64
+    assert np.array_equal(w, chat_calibration_tokens(text, tok, 3, 200, seed=0))
+    first = tok.decode(w[0])
+    assert first.startswith("<|im_start|>system") and "<|im_start|>user\n" in first
+    assert "<|im_start|>assistant\n" in first and "<|im_end|>" in first
+    # the assistant continues the passage the user quoted: its first word follows the user's last one
+    user = first.split("<|im_start|>user\n")[1].split("<|im_end|>")[0].split()[-1]
+    reply = first.split("<|im_start|>assistant\n")[1].split()[0]
+    p, i = user.split("x")
+    assert reply == f"{p}x{int(i) + 1}"
+    tok.chat_template = None
+    assert chat_calibration_tokens(text, tok, 3, 200, seed=0) is None

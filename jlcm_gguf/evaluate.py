@@ -74,10 +74,14 @@ EVAL_TEXTS = {"wikitext-2": wikitext_test, "llama.cpp-docs": llama_cpp_docs}
 
 
 def perplexity(model: Path, text: Path, chunks: int, ctx: int = 512, threads: int = 2) -> tuple[float, float]:
-    """llama-perplexity's final estimate and its +/- error."""
-    res = subprocess.run([str(tool("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", str(ctx),
-                          "--chunks", str(chunks), "-t", str(threads)], capture_output=True, text=True)
-    m = re.search(r"Final estimate: PPL = ([0-9.]+|nan|inf) \+/- ([0-9.]+|nan|inf)", res.stdout + res.stderr)
+    """llama-perplexity's final estimate and its +/- error (run again, up to 3 times, if its asynchronous logger
+    dropped the final line, as it does now and then on a loaded machine)."""
+    for _ in range(3):
+        res = subprocess.run([str(tool("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", str(ctx),
+                              "--chunks", str(chunks), "-t", str(threads)], capture_output=True, text=True)
+        m = re.search(r"Final estimate: PPL = ([0-9.]+|nan|inf) \+/- ([0-9.]+|nan|inf)", res.stdout + res.stderr)
+        if res.returncode != 0 or m:
+            break
     if res.returncode != 0 or not m:
         raise RuntimeError(f"llama-perplexity failed on {model}:\n{(res.stdout + res.stderr)[-3000:]}")
     return float(m.group(1)), float(m.group(2))

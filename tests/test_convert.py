@@ -238,8 +238,11 @@ def test_converted_perplexity_blas_build_equals_cpu_build(converted, tmp_path):
     for name, build in (("cpu", BUILD_DIR), ("blas", ROOT / "build-blas")):
         binary = build / "bin" / "llama-perplexity"
         assert binary.exists(), f"{binary} is missing: scripts/setup.sh builds it"
-        res = run([binary, "-m", path, "-f", text, "-c", "512", "--chunks", "2", "-t", "2"], timeout=600)
-        m = re.search(r"Final estimate: PPL = ([0-9.]+)", res.stdout + res.stderr)
+        for _ in range(3):  # llama.cpp's asynchronous logger may drop the final line on a loaded machine
+            res = run([binary, "-m", path, "-f", text, "-c", "512", "--chunks", "2", "-t", "2"], timeout=600)
+            m = re.search(r"Final estimate: PPL = ([0-9.]+)", res.stdout + res.stderr)
+            if res.returncode != 0 or m:
+                break
         assert res.returncode == 0 and m, (res.stdout + res.stderr)[-3000:]
         ppl[name] = float(m.group(1))
     print(f"\nJLCM 2-bit SmolLM2, 2 chunks of 512: plain build {ppl['cpu']:.3f}, OpenBLAS build {ppl['blas']:.3f}")

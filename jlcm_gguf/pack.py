@@ -106,7 +106,7 @@ def matmul_q8_reference(w_orig: np.ndarray, x: np.ndarray) -> np.ndarray:
 # a local optimum; the best of several is kept, as llama.cpp's make_qx_quants tries a range of scales. A
 # negative start mirrors an asymmetric codebook. Starts below amax clip the block's largest weights: under
 # GPTQ rounding the clipped error is compensated on later columns, under nearest rounding it is not. Both
-# sets were chosen by SmolLM2's perplexity at 2-4 bits (scripts/scale_starts.py, docs/scale-starts.md).
+# sets were chosen by SmolLM2's perplexity at 2-4 bits (experiments/scale_starts.py, docs/measurements/scale-starts.md).
 SCALE_STARTS = (1.0, -1.0)                                # nearest rounding (pack.assign's default)
 GPTQ_SCALE_STARTS = (1.0, 0.85, 0.7, -1.0, -0.85, -0.7)  # the block scales gptq.assign_gptq rounds against
 

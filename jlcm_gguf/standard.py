@@ -3,7 +3,7 @@ does rather than by gguf-py's reference code: each 32-weight block's scale is se
 importance-weighted squared error sum_j q_j (w_j - d L_j)^2 with q_j = h_j sqrt(sigma^2 + w_j^2) (h_j: the
 input's second moment, sigma^2: the row's mean square; llama.cpp's make_qx_quants weighting), instead of
 being the largest weight over the top level. Then every level is rounded again against the scale as stored
-(fp16) and the scale refitted, which can only lower that error. docs/results.md shows what it did to the
+(fp16) and the scale refitted, which can only lower that error. docs/measurements/results.md shows what it did to the
 mixed-precision rows.
 
 The K-quants (Q2_K ... Q6_K, 256-weight super-blocks, for --kquants plans) are quantized by llama.cpp's own

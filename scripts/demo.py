@@ -20,7 +20,7 @@ from jlcm_gguf.evaluate import answer, perplexity, reference_gguf, wikitext_test
 from jlcm_gguf.models import cache_dir, smollm2_hf_dir  # noqa: E402
 
 PROMPT = "What is the capital of France?"
-TARGET_SIZE = "84MB"   # IQ2_XXS's file size for this model (docs/results.md)
+TARGET_SIZE = "84MB"   # IQ2_XXS's file size for this model (docs/measurements/results.md)
 TUNE_CHAT = 0.5
 
 

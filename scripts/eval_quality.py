@@ -2,7 +2,7 @@
 """Quality of JLCM files next to llama.cpp's own low-bit types, in one run: file size, bits per weight and
 llama-perplexity on an evaluation text, written as Markdown, JSON and an SVG size-perplexity plot.
 
-    .venv/bin/python scripts/eval_quality.py [--eval-text FILE|wikitext-2|llama.cpp-docs] [--chunks 40] [--json OUT] [--doc docs/results.md]
+    .venv/bin/python scripts/eval_quality.py [--eval-text FILE|wikitext-2|llama.cpp-docs] [--chunks 40] [--json OUT] [--doc docs/measurements/results.md]
 
 Rows: the float reference (F16), llama.cpp's Q2_K, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and Q4_K_M made by
 llama-quantize with an imatrix from llama-imatrix on the calibration text (the King James Bible, never the
@@ -212,7 +212,7 @@ def main() -> int:
                     "'--nsamples 16' for a shorter schedule on a larger model (stated in the report)")
     ap.add_argument("--out", type=Path, default=Path("out/bench"))
     ap.add_argument("--json", type=Path, help='write {"rows": [{"name", "bytes", "bpw", "ppl", "ppl_err"}, ...]} here')
-    ap.add_argument("--doc", type=Path, help="write the Markdown report here (docs/results.md), the plot beside it")
+    ap.add_argument("--doc", type=Path, help="write the Markdown report here (docs/measurements/results.md), the plot beside it")
     a = ap.parse_args()
 
     if a.eval_text in EVAL_TEXTS:

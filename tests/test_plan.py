@@ -275,7 +275,7 @@ def test_kquant_plan_writes_llama_cpp_types(smollm2, mixed, tmp_path):
 
 
 def test_tensor_bytes_script_accounts_for_every_byte(mixed):
-    """scripts/tensor_bytes.py (the byte split docs/results-qwen.md cites): roles cover every tensor once, and
+    """scripts/tensor_bytes.py (the byte split docs/measurements/results-qwen.md cites): roles cover every tensor once, and
     the layer types are the plan's."""
     import importlib.util
     from collections import Counter
@@ -383,10 +383,10 @@ def test_fisher_estimate_tracks_the_measured_kl(smollm2, smollm2_float):
 
 
 def test_block_layouts_script_fits_its_own_grids():
-    """scripts/block_layouts.py (docs/block-layouts-qwen.md): blocks that lie on a layout's grid are fitted
+    """experiments/block_layouts.py (docs/measurements/block-layouts-qwen.md): blocks that lie on a layout's grid are fitted
     without error, and only the affine layout fits blocks shifted by an offset."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("block_layouts", Path(__file__).parents[1] / "scripts" / "block_layouts.py")
+    spec = importlib.util.spec_from_file_location("block_layouts", Path(__file__).parents[1] / "experiments" / "block_layouts.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     rng = np.random.default_rng(0)

@@ -2,7 +2,7 @@
 """Where --rotate helps or hurts, matrix by matrix (issue #6): SmolLM2's weight matrices with and without the
 rotation, each quantized alone, compared by the relative output error on calibration activations.
 
-    .venv/bin/python scripts/rotation_errors.py [--layers 3,15,25] [--windows 4] [--seqlen 256]
+    .venv/bin/python experiments/rotation_errors.py [--layers 3,15,25] [--windows 4] [--seqlen 256]
 
 For each matrix W with input second moments h (from a float pass on the calibration text, in that basis),
 prints sum_j h_j ||W_:j - Q(W)_:j||^2 / sum_j h_j ||W_:j||^2 for JLCM 2 and 3 bits (grouping + one k-means

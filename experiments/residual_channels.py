@@ -4,7 +4,7 @@ channel's mean square over the median channel's, and the share of the total mean
 channels, on a few calibration windows through the float model. Why learning's plain block loss is mostly
 the error of a few channels (docs/ALGORITHM.md, --learn-loss).
 
-    .venv/bin/python scripts/residual_channels.py --model qwen2.5-coder-1.5b --blocks 6
+    .venv/bin/python experiments/residual_channels.py --model qwen2.5-coder-1.5b --blocks 6
 """
 from __future__ import annotations
 

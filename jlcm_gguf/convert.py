@@ -34,6 +34,7 @@ class ConvertError(SystemExit):
 
 
 AUTO_TUNE_STEPS = 64
+LAYER_ROUNDS = 0  # layer-wise learning rounds by default (measured: not a clear gain on SmolLM2 at 2 bits; learn.learn_layer; docs/ALGORITHM.md)
 AUTO_TUNE_PARAMS = (100e6, 1e9)  # --tune-steps auto tunes models of this many parameters (2-core CPU time)
 
 
@@ -63,9 +64,10 @@ class Options:
     threads: int = 0
     learn_steps: int = 0       # 0: k-means codebooks only (--no-learn)
     rounding: str = "auto"     # layer weights onto codebooks: "gptq" (full input Hessian, gptq.py), "nearest", or
-                               # "auto": gptq up to 3 bits, nearest at 4 (docs/results-gptq.md)
+                               # "auto": gptq up to 3 bits, nearest at 4 (docs/measurements/results-gptq.md)
     tune_steps: int = 0        # end-to-end tuning steps after the block-wise pass (tune.py), 0: none, -1: auto_tune_steps
-    learn_mappings: str = "proximal"  # how learning updates the indices: "proximal", "plain" (STE), "off" (learn.py)
+    layer_rounds: int = LAYER_ROUNDS  # rounds of layer-wise learning after GPTQ rounding (learn.learn_layer), 0: none
+    learn_mappings: str = "proximal"  # how learning updates the indices: "proximal", "plain", "off" (learn.py)
     tune_mappings: str = "off"        # the same for end-to-end tuning (tune.py)
     tune_chat: float = 0.0            # fraction of tuning's windows formatted as conversations (chat template)
     tune_confidence: float = 2.0      # tuning's proximal moves need a gradient this many standard errors from 0
@@ -81,7 +83,30 @@ class Options:
     fast: bool = False         # --fast: float16 weights in memory, one k-means pass, plan with the Fisher estimate of the KL
     kquants: bool = False      # --kquants: a plan may also use llama.cpp's Q2_K ... Q6_K (plan.KQUANT_CHOICES)
     embd_pinned: bool = False  # --embd-type given with a size budget or plan: the embeddings keep that type
-    widths: dict | None = None  # set by convert: how each weight matrix is stored (plan.CHOICES)
+    widths: dict | None = None  # set by convert: how each weight matrix is stored (plan.KINDS)
+    token_embd_type: str | None = None  # --token-embedding-type: token_embd's type (None: embd_type), kept by a plan
+    output_type: str | None = None      # --output-tensor-type: output's type (None: embd_type), kept by a plan;
+                                        # refused for a model whose head is token_embd (tied)
+    tensor_types: tuple = ()   # --tensor-type: (regex, type) pairs; a weight matrix whose GGUF name a regex
+                               # matches (re.search, the first such pair) takes that type (tensor_overrides)
+    dry_run: bool = False      # --dry-run: resolve every type (plan included), predict the file's bytes, write nothing
+
+
+EMBEDDINGS = ("token_embd.weight", "output.weight")
+# the types a weight matrix can be given by hand: --tensor-type, --token-embedding-type, --output-tensor-type
+TENSOR_TYPES = ("jlcm2", "jlcm3", "jlcm4", "q8_0", "q5_0", "q4_0", "f16", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+
+
+def embedding_type(opt: Options, name: str) -> str:
+    """The type asked for token_embd or output: its own option, else --embd-type (default jlcm4)."""
+    own = opt.token_embd_type if name == "token_embd.weight" else opt.output_type
+    return own or opt.embd_type
+
+
+def embedding_pinned(opt: Options, name: str) -> bool:
+    """Whether a plan keeps token_embd's or output's type as asked (--embd-type or the tensor's own option)."""
+    own = opt.token_embd_type if name == "token_embd.weight" else opt.output_type
+    return own is not None or opt.embd_pinned
 
 
 def llama_cpp_dir() -> Path:
@@ -192,11 +217,20 @@ def check_shapes(tensors: dict, hp: Hparams) -> None:
             raise ConvertError(f"shape mismatch: {name} is {'x'.join(map(str, got))}, config.json implies {want}")
 
 
-def quantized_names(tensors: dict, hp: Hparams, embd_type: str) -> set[str]:
-    """The matrices JLCM stores; a width its 64-weight block does not divide falls back, with a notice."""
+def weight_matrices(tensors: dict, hp: Hparams) -> list[str]:
+    """The matrices whose type the converter chooses (layer linears, token_embd, an untied output), in order."""
+    names = [f"blk.{bid}.{n}.weight" for bid in range(hp.n_layer) for n in LINEARS] + list(EMBEDDINGS)
+    return [n for n in names if n in tensors and np.ndim(tensors[n]) == 2]
+
+
+def quantized_names(tensors: dict, hp: Hparams, embd_type: str, output_type: str | None = None) -> set[str]:
+    """The matrices JLCM stores (token_embd if embd_type is JLCM, output if output_type, default embd_type, is);
+    a width its 64-weight block does not divide falls back, with a notice."""
     candidates = [f"blk.{bid}.{n}.weight" for bid in range(hp.n_layer) for n in LINEARS]
     if embd_type.startswith("jlcm"):
-        candidates += ["token_embd.weight", "output.weight"]
+        candidates += ["token_embd.weight"]
+    if (output_type or embd_type).startswith("jlcm"):
+        candidates += ["output.weight"]
     out = set()
     for name in candidates:
         if name not in tensors or tensors[name].ndim != 2:
@@ -233,7 +267,8 @@ def convert(opt: Options) -> dict:
 
     arch = conversion.get_model_architecture(config, conversion.ModelType.TEXT)
     model_class = conversion.get_model_class(arch)
-    opt.outfile.parent.mkdir(parents=True, exist_ok=True)
+    if not opt.dry_run:
+        opt.outfile.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = opt.outfile.with_name(opt.outfile.name + f".tmp{os.getpid()}")
     with torch.inference_mode():
         instance = model_class(opt.model, gguf.LlamaFileType.ALL_F32, tmp_out, eager=True)
@@ -243,6 +278,7 @@ def convert(opt: Options) -> dict:
     if opt.rotate:
         from .rotate import rotate
         tensors, order = rotate(tensors, order, hp, opt.seed)
+    overrides = tensor_overrides(tensors, hp, opt)  # before calibration: a bad pattern or type fails at once
 
     from transformers import AutoTokenizer
     tok_json = opt.model / "tokenizer.json"
@@ -272,7 +308,9 @@ def convert(opt: Options) -> dict:
         tune_tokens = np.concatenate([all_tokens[:n_tune - n_chat], chat])
         tune_tokens = tune_tokens[np.random.default_rng(opt.seed).permutation(len(tune_tokens))]
 
-    opt.widths = plan_widths(instance, order, tensors, hp, tokens, opt)
+    opt.widths = plan_widths(instance, order, tensors, hp, tokens, opt, overrides)
+    if opt.dry_run:
+        return dry_run_summary(instance, order, tensors, hp, opt, t0)
     quantized = {n for n, k in opt.widths.items() if k.startswith("jlcm")}
     ckpt = Checkpoint(opt.outfile, fingerprint(opt, tokens))
     found = ckpt.found()
@@ -313,7 +351,9 @@ def convert(opt: Options) -> dict:
     ckpt.remove()
     summary["seconds"] = time.time() - t0
     summary["widths"] = dict(opt.widths)
-    if learned:
+    if any("layer" in b for b in learned):
+        summary["layer_learning"] = layer_learning_totals(learned)
+    if any("loss_before" in b for b in learned):
         summary["learning"] = learning_totals(learned)
     if tuning:
         summary["tuning"] = tuning
@@ -322,8 +362,49 @@ def convert(opt: Options) -> dict:
     return summary
 
 
+def moved_fraction(blocks: list) -> float:
+    """Fraction of the indices that layer-wise and block-wise learning changed so far (the progress bar's figure)."""
+    changed = sum(b.get("layer_indices_changed", 0) + b.get("indices_changed", 0) for b in blocks)
+    n = sum(b.get("layer_indices", b.get("indices", 0)) for b in blocks)
+    return changed / max(1, n)
+
+
+def layer_learning_totals(blocks: list) -> dict:
+    """Layer-wise learning's figures for the whole conversion (learn.learn_layer)."""
+    mats = [m for b in blocks for m in b.get("layer", {}).values()]
+    n = sum(m["indices"] for m in mats)
+    changed = sum(m["indices_changed"] for m in mats)
+    return dict(matrices=len(mats), indices=n, indices_changed=changed, indices_changed_frac=changed / max(1, n),
+                loss_before_mean=float(np.mean([m["loss_before"] for m in mats])),
+                loss_after_mean=float(np.mean([m["loss_after"] for m in mats])))
+
+
+def dry_run_summary(instance, order: list[str], tensors: dict, hp: Hparams, opt: Options, t0: float) -> dict:
+    """--dry-run: what the conversion would write, from the resolved types alone (nothing is quantized): every
+    weight matrix's type and bytes (JLCM companions included) and the file's exact size (write.predict_layout,
+    the computation a budget is held to)."""
+    from .write import predict_layout
+    instance.ftype = gguf_file_type(opt.widths, tensors, opt.bits)
+    size, layout = predict_layout(instance, order, tensors, jlcm_shapes(tensors, hp, opt, opt.widths), opt,
+                                  opt.widths)
+    n_weights = sum(tensors[n].size for n in order)
+    rows = [dict(name=n, shape=list(tensors[n].shape[::-1]), type=layout[n][0], bytes=layout[n][1])
+            for n in order if n in layout and np.ndim(tensors[n]) == 2]
+    return {"dry_run": True, "file": str(opt.outfile), "bytes": size, "weights": n_weights,
+            "bpw": 8 * size / n_weights, "tensors": rows,
+            "other_bytes": sum(b for n, (_, b) in layout.items() if np.ndim(tensors[n]) != 2),
+            "target_bytes": opt.target_bytes, "widths": dict(opt.widths), "seconds": time.time() - t0}
+
+
+def gguf_file_type(widths: dict, tensors: dict, bits: int):
+    """general.file_type: the JLCM width most layer weights have (layer_bits)."""
+    import gguf
+    return gguf.LlamaFileType(F.FTYPE_IDS[layer_bits(widths, tensors, bits)])
+
+
 def learning_totals(blocks: list) -> dict:
-    """The whole conversion's learning figures from the per-block ones."""
+    """The whole conversion's block-wise learning figures from the per-block ones."""
+    blocks = [b for b in blocks if "loss_before" in b]
     n = sum(b["indices"] for b in blocks)
     changed = sum(b["indices_changed"] for b in blocks)
     return dict(blocks=len(blocks), blocks_kept=sum(b["kept"] for b in blocks), indices=n,
@@ -335,7 +416,7 @@ def learning_totals(blocks: list) -> dict:
 def indices_changed(summary: dict) -> dict:
     """Indices moved by block-wise learning and by tuning together (each pass's count against where it started, so
     an index moved by both counts twice)."""
-    passes = [summary.get("learning"), summary.get("tuning")]
+    passes = [summary.get("layer_learning"), summary.get("learning"), summary.get("tuning")]
     n = max((p["indices"] for p in passes if p), default=0)
     changed = sum(p["indices_changed"] for p in passes if p)
     return dict(indices=n, changed=changed, frac=changed / max(1, n))
@@ -345,7 +426,8 @@ def write_report(opt: Options, summary: dict, blocks: list) -> None:
     """--report FILE.json: what the conversion did, per transformer block and in total (written whole or not at all)."""
     report = dict(model=str(opt.model), outfile=str(opt.outfile), bits=opt.bits, learn_steps=opt.learn_steps,
                   learn_mappings=opt.learn_mappings, seconds=summary["seconds"], bytes=summary["bytes"],
-                  bpw=summary["bpw"], learning=summary.get("learning"), tuning=summary.get("tuning"),
+                  bpw=summary["bpw"], layer_rounds=opt.layer_rounds, layer_learning=summary.get("layer_learning"),
+                  learning=summary.get("learning"), tuning=summary.get("tuning"),
                   tune_mappings=opt.tune_mappings, indices_changed=indices_changed(summary), blocks=blocks)
     tmp = opt.report.with_name(opt.report.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
@@ -391,30 +473,118 @@ def layer_bits(widths: dict, tensors: dict, default: int) -> int:
     return max(count, key=lambda b: (count[b], b)) if count else default
 
 
-def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: np.ndarray, opt: Options) -> dict[str, str]:
-    """How each weight matrix is stored (a plan.CHOICES entry; matrices not named keep the standard rule of
-    write.standard_type): JLCM at --bits for the layers and --embd-type for the embeddings, or a plan (--plan, or a search under
-    --target-size / --target-bpw; plan.py) whose file size is computed exactly before any weight is
-    quantized."""
+def storable(kind: str, cols: int) -> bool:
+    """Whether a matrix `cols` wide can be stored as `kind` (JLCM: 64-weight blocks; llama.cpp types: theirs)."""
     from . import plan as P
+    return cols % F.QK == 0 if kind.startswith("jlcm") else P.applicable(kind, cols)
+
+
+def block_of(kind: str) -> int:
+    """Weights per block of a type (a matrix's width must be a multiple of it)."""
+    from . import plan as P
+    return F.QK if kind.startswith("jlcm") else P.block_size(kind)[0]
+
+
+def tensor_overrides(tensors: dict, hp: Hparams, opt: Options) -> dict[str, str]:
+    """The types --tensor-type gives, by llama-quantize's rules: each pattern is a regular expression searched
+    (re.search) in the weight matrices' GGUF names, the patterns are tried in the order given and the first
+    that matches a matrix decides its type; token_embd and output keep a type --token-embedding-type,
+    --output-tensor-type or --embd-type gives them. One clear error for an unknown type, a pattern that is not
+    a regular expression or matches no weight matrix, a type the matrix's width does not allow, and for
+    --output-tensor-type on a model whose head is token_embd itself (tied embeddings)."""
+    import re
+
+    if opt.output_type is not None and "output.weight" not in tensors:
+        raise ConvertError(f"--output-tensor-type {opt.output_type}: this model ties its output to token_embd (there is "
+                           f"no separate output tensor; the head reads token_embd), so the output's type is "
+                           f"token_embd's: give --token-embedding-type instead")
+    for name, own, flag in (("token_embd.weight", opt.token_embd_type, "--token-embedding-type"),
+                            ("output.weight", opt.output_type, "--output-tensor-type")):
+        kind = embedding_type(opt, name)
+        if kind not in TENSOR_TYPES:
+            raise ConvertError(f"the type {kind!r} of {name.removesuffix('.weight')} is not one of {', '.join(TENSOR_TYPES)}")
+        # --embd-type falls back to Q8_0 where the width does not allow its type (docs/CONVERTER.md); the
+        # per-tensor options are held to the type asked
+        if own is not None and name in tensors and not storable(own, tensors[name].shape[1]):
+            raise ConvertError(f"{flag} {own}: {name} is {tensors[name].shape[1]} wide, and {own} needs a width "
+                               f"that is a multiple of {block_of(own)}")
+    matrices = weight_matrices(tensors, hp)
+    out: dict[str, str] = {}
+    for pattern, kind in opt.tensor_types:
+        what = f"--tensor-type {pattern}={kind}"
+        if kind not in TENSOR_TYPES:
+            raise ConvertError(f"{what}: unknown type {kind!r} (types: {', '.join(TENSOR_TYPES)})")
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise ConvertError(f"{what}: {pattern!r} is not a regular expression: {e}")
+        hits = [n for n in matrices if rx.search(n)]
+        if not hits:
+            raise ConvertError(f"{what}: the pattern matches no weight matrix of this model (they are "
+                               f"blk.N.{{{','.join(LINEARS)}}}.weight for N = 0..{hp.n_layer - 1}, token_embd.weight"
+                               + (", output.weight)" if "output.weight" in tensors else
+                                  "; no output.weight: the model ties its output to token_embd)"))
+        fresh = [n for n in hits if n not in out and not (n in EMBEDDINGS and embedding_pinned(opt, n))]
+        if not fresh:
+            log.warning("notice: %s decides no tensor: an earlier --tensor-type or an embedding type option "
+                        "decides every tensor it matches", what)
+        for n in fresh:
+            cols = tensors[n].shape[1]
+            if not storable(kind, cols):
+                raise ConvertError(f"{what}: {n} is {cols} wide, and {kind} needs a width that is a multiple of "
+                                   f"{block_of(kind)}")
+            out[n] = kind
+    if out:
+        named = [f"{n} {k}" for n, k in out.items()]
+        log.info("--tensor-type: %d weight matrices take a type by hand: %s%s", len(out), ", ".join(named[:8]),
+                 f", ... ({len(named) - 8} more)" if len(named) > 8 else "")
+    return out
+
+
+def jlcm_shapes(tensors: dict, hp: Hparams, opt: Options, kinds: dict) -> dict:
+    """shape_spec of every JLCM matrix in `kinds` with the groups and stored permutation the folds will give it."""
     from .fold import companion_layout
-    from .write import predict_bytes, shape_spec
+    from .write import shape_spec
+    jl = {n for n, k in kinds.items() if k.startswith("jlcm")}
+    return {n: shape_spec(*tensors[n].shape, int(kinds[n][4:]),
+                          *companion_layout(n, tensors[n].shape[0], hp, opt.groups, jl)) for n in sorted(jl)}
+
+
+def file_size(instance, order: list[str], tensors: dict, hp: Hparams, opt: Options, kinds: dict) -> int:
+    """The exact size of the file the conversion writes with these types (write.predict_bytes)."""
+    from .write import predict_bytes
+    return predict_bytes(instance, order, tensors, jlcm_shapes(tensors, hp, opt, kinds), opt, kinds)
+
+
+def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: np.ndarray, opt: Options,
+                overrides: dict | None = None) -> dict[str, str]:
+    """How each weight matrix is stored (a plan.KINDS entry; matrices not named keep the standard rule of
+    write.standard_type): JLCM at --bits for the layers and the embedding types for the embeddings, or a plan
+    (--plan, or a search under --target-size / --target-bpw; plan.py) whose file size is computed exactly before
+    any weight is quantized. `overrides` (tensor_overrides, --tensor-type) replace what either would give; under a
+    budget they, like pinned embedding types, count in the size and the search fills the rest."""
+    from . import plan as P
 
     if opt.target_bytes and opt.target_bpw:
         raise ConvertError("--target-size and --target-bpw are alternatives: give one")
+    if overrides is None:
+        overrides = tensor_overrides(tensors, hp, opt)
     if not (opt.target_bytes or opt.target_bpw or opt.plan):
-        quantized = quantized_names(tensors, hp, opt.embd_type)
-        return {n: f"jlcm{opt.bits}" if n.startswith("blk.") else opt.embd_type for n in quantized}
+        quantized = quantized_names(tensors, hp, embedding_type(opt, "token_embd.weight"),
+                                    embedding_type(opt, "output.weight"))
+        kinds = {n: f"jlcm{opt.bits}" if n.startswith("blk.") else embedding_type(opt, n) for n in quantized}
+        return {**kinds, **overrides}
     candidates = quantized_names(tensors, hp, "jlcm4")
-    pinned = {n: opt.embd_type for n in ("token_embd.weight", "output.weight") if n in candidates} if opt.embd_pinned else {}
-    if pinned and opt.embd_type not in P.CHOICES:
+    pinned = {n: embedding_type(opt, n) for n in EMBEDDINGS if n in candidates and embedding_pinned(opt, n)}
+    # --embd-type keeps its rule from before the per-tensor options: with a plan, only a type the plan can choose
+    by_embd_type = [n for n in pinned if (opt.token_embd_type if n == "token_embd.weight" else opt.output_type) is None]
+    if any(pinned[n] not in P.CHOICES for n in by_embd_type):
         raise ConvertError(f"with a size budget or plan, --embd-type must be one of {', '.join(P.CHOICES)}")
+    embd_pins = dict(pinned)
+    pinned.update(overrides)  # what the search does not choose: it counts in the size as fixed bytes
 
     def size_of(kinds: dict) -> int:
-        jl = {n for n, k in kinds.items() if k.startswith("jlcm")}
-        shapes = {n: shape_spec(*tensors[n].shape, int(kinds[n][4:]),
-                                *companion_layout(n, tensors[n].shape[0], hp, opt.groups, jl)) for n in sorted(jl)}
-        return predict_bytes(instance, order, tensors, shapes, opt, kinds)
+        return file_size(instance, order, tensors, hp, opt, kinds)
 
     n_weights = sum(tensors[n].size for n in order)
     target = opt.target_bytes or int(opt.target_bpw * n_weights / 8)
@@ -431,37 +601,47 @@ def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: 
             raise P.PlanError(f"the scores saved in {opt.plan} have no {lacking[0]}: plan again with --save-plan")
         saved = {n: [o for o in v if o.kind in choices] for n, v in saved.items()}
         if opt.plan and not saved:
-            kinds = {**P.load_plan(opt.plan), **pinned}
+            kinds = {**P.load_plan(opt.plan), **embd_pins}
             if set(kinds) != candidates:
                 extra, missing = sorted(set(kinds) - candidates), sorted(candidates - set(kinds))
                 raise P.PlanError(f"the plan {opt.plan} does not fit this model: "
                                   + (f"it names {extra[0]}, which is not a weight matrix here" if extra
                                      else f"it has no type for {missing[0]}"))
+            kinds.update(overrides)
         else:
             smallest = size_of({**{n: P.CHOICES[0] for n in candidates}, **pinned})
             if smallest > target:
                 raise P.PlanError(f"the target of {target:,} bytes is too small: with every weight matrix at "
-                                  f"JLCM {P.WIDTHS[0]}-bit the file takes {smallest:,}")
+                                  f"JLCM {P.WIDTHS[0]}-bit" + (" (and the types given by hand)" if overrides else "")
+                                  + f" the file takes {smallest:,}")
             if saved:  # a plan file with scores and a new budget: search again, no scoring
                 options = saved
                 log.info("plan: searching the scores saved in %s for the new budget", opt.plan)
             else:
+                from .fold import companion_layout
                 layout = {n: companion_layout(n, tensors[n].shape[0], hp, opt.groups, candidates)
                           for n in candidates}
                 options = P.score_options(tensors, hp, tokens, layout, opt.groups, opt.variant, opt.seed,
                                           fast=opt.fast, choices=choices, gptq_kinds=plan_gptq_kinds(opt))
-            searched = {n: [o for o in v if o.kind == pinned[n]] if n in pinned else v for n, v in options.items()}
-            if any(not v for v in searched.values()):
-                raise P.PlanError(f"--embd-type {opt.embd_type} cannot store the embeddings of this model")
-            first = {n: searched[n][-1].kind for n in candidates}
-            fixed = base_fixed = size_of(first) - P.plan_bytes(searched, first)
-            kinds = P.search(searched, target - fixed)
+            # a pinned matrix keeps its one scored option; a type the search does not score (q4_0, f16, a K-quant
+            # without --kquants) and the matrices outside the plan count as fixed bytes
+            searched = {}
+            for n, v in options.items():
+                if n in pinned:
+                    v = [o for o in v if o.kind == pinned[n]]
+                    if not v:
+                        continue
+                searched[n] = v
+            rest = {n: k for n, k in pinned.items() if n not in searched}
+            first = {n: searched[n][-1].kind for n in searched}
+            fixed = base_fixed = size_of({**rest, **first}) - P.plan_bytes(searched, first)
+            kinds = {**rest, **P.search(searched, target - fixed)}
             # the options assume gate and up are both JLCM (then they fold their row order into down, else
             # each stores a permutation), and gguf-py's size label can change with the plan: where the file
             # comes out larger, search again with a margin that at least doubles until it fits
             while (over := size_of(kinds) - target) > 0:
                 fixed += max(over, fixed - base_fixed)
-                kinds = P.search(searched, target - fixed)
+                kinds = {**rest, **P.search(searched, target - fixed)}
     except P.PlanError as e:
         raise ConvertError(str(e))
     size = size_of(kinds)
@@ -469,7 +649,7 @@ def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: 
         raise ConvertError(f"the file would take {size:,} bytes, more than the target of {target:,}")
     for line in P.describe(kinds):
         log.info("plan  %s", line)
-    count = {k: sum(tensors[n].size for n in kinds if kinds[n] == k) for k in P.CHOICES}
+    count = {k: sum(tensors[n].size for n in kinds if kinds[n] == k) for k in P.KINDS}
     total = max(sum(count.values()), 1)
     log.info("plan: %s; the file will take %s bytes%s",
              ", ".join(f"{100 * c / total:.0f}% of the matrices' weights as {k}" for k, c in count.items() if c),
@@ -497,7 +677,7 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
     from .fold import fold_layer
     from .gptq import assign_gptq
     from .init import init_codebooks
-    from .learn import finalize, learn_block, make_param
+    from .learn import finalize, learn_block, learn_layer, make_param
     from .pack import assign, dequantize, pack_blocks
 
     jlcm: dict = {}
@@ -530,6 +710,7 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         tensors.update(res.tensors)
         hessians.update(res.hessians)
         specs = {}
+        layer_learned = {}   # layer-wise learning's figures per matrix
         for name, ro in res.orders.items():
             h = hessians.get(name.removesuffix(".weight"))
             w = tensors[name]
@@ -540,10 +721,23 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
                 idx, d = assign(w, bits, cb, ro.bounds, h)
             else:
                 col = res.columns.get(name)  # the fold's column order, which h already follows
-                idx, d = assign_gptq(w, bits, cb, ro.bounds, H if col is None else H[np.ix_(col, col)])
+                Hc = H if col is None else H[np.ix_(col, col)]
+                idx, d = assign_gptq(w, bits, cb, ro.bounds, Hc)
+                if opt.layer_rounds:
+                    idx, d, cb, ls = learn_layer(w, idx, d, cb, ro.bounds, Hc, opt.layer_rounds, opt.learn_mappings)
+                    layer_learned[name] = dict(loss_before=ls.loss_before, loss_after=ls.loss_after,
+                                               indices=ls.weights, indices_changed=ls.changed)
             specs[name] = dict(idx=idx, d=d, cb=cb, ro=ro)
         full.clear()
 
+        learned = None
+        if layer_learned:
+            learned = dict(block=bid, layer=layer_learned,
+                           layer_indices=sum(v["indices"] for v in layer_learned.values()),
+                           layer_indices_changed=sum(v["indices_changed"] for v in layer_learned.values()))
+            if report is not None and not opt.learn_steps:
+                report.append(learned)
+            bar.set_postfix(moved=f"{100 * moved_fraction(report or [learned]):.2f}%")
         if opt.learn_steps:
             params = {n: make_param(n, s["idx"], s["d"], s["cb"], s["ro"].bounds,
                                     hessians.get(n.removesuffix(".weight"))) for n, s in specs.items()}
@@ -578,15 +772,14 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
             if kept:
                 for n, p in params.items():
                     specs[n]["idx"], specs[n]["d"], specs[n]["cb"] = finalize(p)
-            learned = dict(block=bid, loss_before=before, loss_after=after, kept=bool(kept),
+            learned = dict(learned or {}, block=bid, loss_before=before, loss_after=after, kept=bool(kept),
                            indices=stats.weights, indices_changed=stats.changed if kept else 0,
                            steps=opt.learn_steps, mapping_steps_kept=stats.accepted,
                            mapping_steps_rejected=stats.rejected)
             if report is not None:
                 report.append(learned)
-            moved = sum(b["indices_changed"] for b in report or [learned])
-            total = sum(b["indices"] for b in report or [learned])
-            bar.set_postfix(loss=f"{before:.4f}->{after:.4f}", moved=f"{100 * moved / max(1, total):.2f}%")
+            bar.set_postfix(loss=f"{before:.4f}->{after:.4f}",
+                            moved=f"{100 * moved_fraction(report or [learned]):.2f}%")
 
         logical = {}
         for name, s in specs.items():
@@ -617,7 +810,7 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         if ckpt is not None:
             ckpt.save(bid, {n: jlcm[n] for n in specs}, folded, x_q, y_f,
                       {k: v for k, v in standard.items() if k.startswith(f"blk.{bid}.")},
-                      learned if opt.learn_steps else None)
+                      learned)
     head_gptq = "output.weight" in quantized and gptq_rounding(opt, "output.weight")
     moments = M.InputHessians() if head_gptq else M.InputMoments()
     with torch.inference_mode():

@@ -342,3 +342,162 @@ def learn_block(block_fn, params: list[QuantParam], x_in: torch.Tensor, y_target
     stats.changed = sum(p.changed() for p in params)
     stats.accepted, stats.rejected = region.accepted, region.rejected
     return stats
+
+
+# Layer-wise learning: the same joint problem on one matrix's reconstruction error under its full input Hessian,
+# || (W - Wq) X ||^2 = tr((W - Wq) H (W - Wq)^T), by alternating exact steps (docs/ALGORITHM.md): codebooks and
+# block scales by least squares with the indices fixed, then the indices by one sweep of exact coordinate descent
+# with codebooks and scales fixed: each weight in turn moves to the adjacent codeword that lowers the error most
+# ('proximal'), or to any codeword ('plain'), the error's gradient updated after each column.
+
+SHRINK = 0.5  # layer-wise learning's H is shrunk this far towards its diagonal (learn_layer)
+
+
+@dataclass
+class LayerStats:
+    """What layer-wise learning did to one matrix (losses relative to tr(W H W^T))."""
+    loss_before: float
+    loss_after: float
+    changed: int             # indices that name another codeword than the rounding it started from
+    weights: int
+
+
+def layer_loss(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor) -> float:
+    """tr((W - Wq) H (W - Wq)^T) / tr(W H W^T)."""
+    e = w - wq
+    return float(((e @ H) * e).sum() / ((w @ H) * w).sum().clamp_min(1e-30))
+
+
+def refit_codebooks(w, pos, dx, c, grp, H, ridge: float = 1e-6, chunk: int = 256) -> torch.Tensor:
+    """Codebooks c [groups, K] minimising tr((W - Wq) H (W - Wq)^T) for Wq[r, j] = dx[r, j] * c[grp[r], pos[r, j]]
+    (linear in c: one K x K system per group); a ridge towards the old c keeps unused codewords where they were."""
+    g_n, k = c.shape
+    cols = w.shape[1]
+    A = torch.zeros(g_n, k, k, dtype=torch.float64)
+    b = torch.zeros(g_n, k, dtype=torch.float64)
+    for r0 in range(0, w.shape[0], chunk):
+        D = torch.nn.functional.one_hot(pos[r0:r0 + chunk], k).float() * dx[r0:r0 + chunk, :, None]  # [r, cols, K]
+        HD = (H @ D.permute(1, 0, 2).reshape(cols, -1)).view(cols, -1, k).permute(1, 0, 2)
+        A.index_add_(0, grp[r0:r0 + chunk], torch.bmm(D.transpose(1, 2), HD).double())
+        b.index_add_(0, grp[r0:r0 + chunk], torch.einsum("rjk,rj->rk", D, w[r0:r0 + chunk] @ H).double())
+    lam = ridge * A.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)[:, None]
+    eye = torch.eye(k, dtype=torch.float64)
+    return torch.linalg.solve(A + lam[:, :, None] * eye, b + lam * c.double()).float()
+
+
+def refit_scales(w, cv, d, H, ridge: float = 1e-6) -> torch.Tensor:
+    """Block scales d [rows, cols/64] minimising the same error for Wq[r, j] = d[r, j // 64] * cv[r, j] (one
+    (cols/64)-sized system per row: the blocks of a row interact through H)."""
+    rows, cols = w.shape
+    nb = cols // QK
+    S = torch.empty(rows, nb, nb, dtype=torch.float64)
+    for blk in range(nb):
+        sl = slice(blk * QK, (blk + 1) * QK)
+        hv = (cv[:, sl] @ H[sl, :]) * cv                          # [rows, cols]: (H V_r)[:, blk], weighted by v
+        S[:, :, blk] = hv.view(rows, nb, QK).sum(2).double()
+    t = (cv * (w @ H)).view(rows, nb, QK).sum(2).double()
+    lam = ridge * S.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)[:, None]
+    return torch.linalg.solve(S + lam[:, :, None] * torch.eye(nb, dtype=torch.float64), t + lam * d.double()).float()
+
+
+def mapping_sweep(w, pos, dx, c, grp, H, plain: bool = False, step: int = 128) -> torch.Tensor:
+    """One sweep of exact coordinate descent on the indices (sorted positions pos [rows, cols], codebooks c sorted):
+    column by column, each weight takes the codeword that lowers tr(E H E^T) most given all other weights, among its
+    two neighbours (or all codewords if plain); the error gradient G = E H follows every move (within a batch of
+    `step` columns at once, beyond it by one product per batch, as GPTQ's lazy updates). Never raises the error."""
+    rows, cols = w.shape
+    k = c.shape[1]
+    cg = c[grp]                                                  # [rows, K]
+    pos = pos.clone()
+    E = w - dx * cg.gather(1, pos)
+    G = E @ H                                                    # d/dE of tr(E H E^T) / 2
+    hd = torch.diagonal(H)
+    offsets = torch.arange(k) if plain else torch.tensor([-1, 1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of small ops: threads only add overhead (as in gptq.assign_gptq)
+    try:
+        _sweep_columns(pos, G, H, hd, dx, cg, offsets, plain, step)
+    finally:
+        torch.set_num_threads(threads)
+    return pos
+
+
+def _sweep_columns(pos, G, H, hd, dx, cg, offsets, plain, step) -> None:
+    rows, cols = pos.shape
+    k = cg.shape[1]
+    for i1 in range(0, cols, step):
+        i2 = min(i1 + step, cols)
+        dE = torch.zeros(rows, i2 - i1)
+        for j in range(i1, i2):
+            p = pos[:, j]
+            cand = (offsets.expand(rows, -1) if plain else p[:, None] + offsets[None, :]).clamp(0, k - 1)
+            delta = dx[:, j, None] * (cg.gather(1, cand) - cg.gather(1, p[:, None]))   # weight change of each move
+            gain = -2 * delta * G[:, j, None] + delta.pow(2) * hd[j]    # loss change: E_j -> E_j - delta
+            best, arg = gain.min(1)
+            move = best < 0
+            dj = torch.where(move, delta.gather(1, arg[:, None])[:, 0], torch.zeros_like(best))
+            pos[:, j] = torch.where(move, cand.gather(1, arg[:, None])[:, 0], p)
+            G[:, i1:i2] -= dj[:, None] * H[j, i1:i2][None, :]
+            dE[:, j - i1] = dj
+        G[:, i2:] -= dE @ H[i1:i2, i2:]
+        G[:, :i1] -= dE @ H[i1:i2, :i1]
+
+
+def learn_layer(w: np.ndarray, idx: np.ndarray, d: np.ndarray, cb: np.ndarray, bounds: np.ndarray, H: np.ndarray,
+                rounds: int = 2, mappings: str = "proximal", shrink: float = SHRINK
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, LayerStats]:
+    """Entry point of layer-wise learning. (idx, d float16, int8 codebooks sorted, stats) for one matrix's stored
+    rows w after its rounding (idx, d, cb: pack's format), H its input Hessian in w's column order. Each round
+    refits the codebooks, then the block scales (least squares; rounded to int8 and float16 as stored, kept only if
+    the error falls), then, unless mappings is 'off', sweeps the indices once (mapping_sweep). The error is taken
+    under (1 - shrink) H + shrink diag(H): with the calibration's full H the index sweep fitted its input
+    correlations and raised perplexity on other text (docs/ALGORITHM.md); the losses reported are of that matrix."""
+    from .pack import group_of_rows
+
+    if mappings not in MAPPINGS:
+        raise ValueError(f"mappings must be one of {MAPPINGS}, not {mappings!r}")
+    rows, cols = w.shape
+    grp_np = group_of_rows(bounds, rows)
+    grp = torch.as_tensor(grp_np)
+    H = np.asarray(H, dtype=np.float32)
+    Ht = torch.as_tensor((1 - shrink) * H + shrink * np.diag(np.diag(H)))
+    W = torch.as_tensor(np.asarray(w, dtype=np.float32)).clone()
+    W[:, torch.diagonal(Ht) <= 0] = 0          # as GPTQ: columns no input reaches
+    order = np.argsort(cb, axis=1, kind="stable")                # work on sorted codebooks and sorted positions
+    cb8 = np.take_along_axis(np.asarray(cb, np.int8), order, axis=1)
+    pos = torch.as_tensor(np.take_along_axis(np.argsort(order, axis=1)[grp_np], idx.astype(np.int64), axis=1))
+    d16 = np.asarray(d, np.float16)
+
+    def value(pos_, d16_, cb8_):
+        cv = torch.as_tensor(cb8_.astype(np.float32))[grp].gather(1, pos_)
+        return torch.as_tensor(d16_.astype(np.float32)).repeat_interleave(QK, dim=1) * cv
+
+    loss = before = layer_loss(W, value(pos, d16, cb8), Ht)
+    start = pos
+    label = np.broadcast_to(np.arange(cb8.shape[1]), cb8.shape)    # the starting position of each codeword
+    for _ in range(rounds):
+        dx = torch.as_tensor(d16.astype(np.float32)).repeat_interleave(QK, dim=1)
+        c = refit_codebooks(W, pos, dx, torch.as_tensor(cb8.astype(np.float32)), grp, Ht).numpy()
+        m = np.abs(c).max(axis=1)
+        m = np.where(m > 0, m, 1)
+        c8 = np.round(c / m[:, None] * 127).clip(-127, 127).astype(np.int8)
+        srt = np.argsort(c8, axis=1, kind="stable")                 # a refit may reorder codewords: re-sort
+        c8 = np.take_along_axis(c8, srt, axis=1)
+        pos_t = torch.as_tensor(np.argsort(srt, axis=1))[grp].gather(1, pos)
+        cv = torch.as_tensor(c8.astype(np.float32))[grp].gather(1, pos_t)
+        d_new = refit_scales(W, cv, torch.as_tensor(d16.astype(np.float32) * (m / 127)[grp_np, None]), Ht)
+        d_new = d_new.numpy().astype(np.float16)
+        trial = layer_loss(W, value(pos_t, d_new, c8), Ht)
+        if trial < loss:
+            pos, d16, cb8, loss = pos_t, d_new, c8, trial
+            label = np.take_along_axis(label, srt, axis=1)
+        if mappings == "off":
+            continue
+        dx = torch.as_tensor(d16.astype(np.float32)).repeat_interleave(QK, dim=1)
+        new = mapping_sweep(W, pos, dx, torch.as_tensor(cb8.astype(np.float32)), grp, Ht, plain=mappings == "plain")
+        trial = layer_loss(W, value(new, d16, cb8), Ht)
+        if trial < loss:
+            pos, loss = new, trial
+    changed = int((torch.as_tensor(label)[grp].gather(1, pos) != start).sum())
+    # sorted positions are the stored indices of the sorted codebooks
+    return pos.numpy().astype(np.uint8), d16, cb8, LayerStats(before, loss, changed, idx.size)

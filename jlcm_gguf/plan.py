@@ -42,7 +42,11 @@ CHOICES = ("jlcm2", "q2_k", "jlcm3", "q3_k", "jlcm4", "q4_k", "q5_0", "q5_k", "q
 KQUANT_CHOICES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 DEFAULT_CHOICES = tuple(k for k in CHOICES if k not in KQUANT_CHOICES)
 WIDTHS = (2, 3, 4)
-STANDARD = {k: k.upper() for k in CHOICES if not k.startswith("jlcm")}  # the llama.cpp choices' gguf type names
+# types a matrix can be given by hand (--tensor-type, --token-embedding-type, --output-tensor-type, or a plan file
+# written with them) that the search never chooses
+PINNED_ONLY = ("q4_0", "f16")
+KINDS = CHOICES + PINNED_ONLY  # every type a plan (the metadata, a JSON plan) may name
+STANDARD = {k: k.upper() for k in KINDS if not k.startswith("jlcm")}  # the llama.cpp types' gguf type names
 GRID = 2048      # evenly spaced budgets the search also fills for (see walk)
 FAST_ROWS = 1024  # --fast scores a sample of this many rows per matrix
 FISHER_WINDOWS = 8  # --fast estimates each tensor's KL from the Fisher information of this many windows
@@ -107,7 +111,7 @@ def type_id(kind: str) -> int:
 
 
 def kind_of_type(tid: int) -> str | None:
-    return next((k for k in CHOICES if type_id(k) == tid), None)
+    return next((k for k in KINDS if type_id(k) == tid), None)
 
 
 @dataclass(frozen=True)
@@ -519,9 +523,9 @@ def load_plan(path: Path) -> dict[str, str]:
         if isinstance(e, PlanError):
             raise
         raise PlanError(f"cannot read the plan {path}: {e}") from None
-    bad = [n for n, b in plan.items() if not isinstance(n, str) or b not in CHOICES]
+    bad = [n for n, b in plan.items() if not isinstance(n, str) or b not in KINDS]
     if bad:
-        raise PlanError(f"{path}: {bad[0]!r} has no valid type (one of {', '.join(CHOICES)})")
+        raise PlanError(f"{path}: {bad[0]!r} has no valid type (one of {', '.join(KINDS)})")
     return dict(plan)
 
 

@@ -67,9 +67,10 @@ STANDARD_TYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0", "q5_0": "Q5_0", "q
 
 
 def standard_type(name: str, arr: np.ndarray, embd_type: str, planned: str | None = None) -> GGMLQuantizationType:
-    """A type the plan gave the tensor (q5_0, q8_0, a K-quant), else the documented rule for tensors JLCM does not cover
-    (docs/CONVERTER.md):
-    1-D tensors and norms: F32; token_embd/output: --embd-type when it is a standard type, else Q8_0;
+    """A type the plan or --tensor-type gave the tensor (q5_0, q8_0, a K-quant; by hand also q4_0, f16), else the
+    documented rule for tensors JLCM does not cover (docs/CONVERTER.md):
+    1-D tensors and norms: F32; token_embd/output: embd_type, the type asked for that tensor
+    (--token-embedding-type, --output-tensor-type, --embd-type), when it is a standard type its width allows, else Q8_0;
     other matrices whose width is not a multiple of 64: Q8_0 (width a multiple of 32) or F16."""
     from .plan import STANDARD, ggml_type
     if planned in STANDARD:
@@ -80,7 +81,17 @@ def standard_type(name: str, arr: np.ndarray, embd_type: str, planned: str | Non
         qt = GGMLQuantizationType[STANDARD_TYPES[embd_type]]
         if qt in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) or arr.shape[-1] % 32 == 0:
             return qt
+    if name in ("token_embd.weight", "output.weight") and embd_type in STANDARD:  # a K-quant
+        from .plan import applicable
+        if applicable(embd_type, arr.shape[-1]):
+            return ggml_type(embd_type)
     return GGMLQuantizationType.Q8_0 if arr.shape[-1] % 32 == 0 else GGMLQuantizationType.F16
+
+
+def embedding_type(opt, name: str) -> str:
+    """The type asked for token_embd or output (--token-embedding-type / --output-tensor-type, else --embd-type)."""
+    own = getattr(opt, "token_embd_type" if name == "token_embd.weight" else "output_type", None)
+    return own or opt.embd_type
 
 
 def verify_written(path, order: list[str], jlcm: dict) -> None:
@@ -155,7 +166,7 @@ def _add_tensors(writer, order: list[str], tensors: dict, jlcm: dict, opt, kinds
                 log.info("%-32s %-9s JLCM%d, %d groups%s", name, "x".join(map(str, arr.shape[::-1])), spec["bits"],
                          len(spec["bounds"]), ", stored permutation" if spec["perm"] is not None else "")
         else:
-            qt = standard_type(name, arr, opt.embd_type, (kinds or {}).get(name))
+            qt = standard_type(name, arr, embedding_type(opt, name), (kinds or {}).get(name))
             if qt == GGMLQuantizationType.F32:
                 data = np.asarray(arr, dtype=np.float32)
             elif dry:
@@ -225,6 +236,13 @@ def shape_spec(rows: int, cols: int, bits: int, groups: int, stored_perm: bool) 
 def predict_bytes(instance, order: list[str], tensors: dict, jlcm_shapes: dict, opt, kinds: dict) -> int:
     """Exact size of the file write_gguf would write with JLCM weights of these shapes (shape_spec), found
     by filling a scratch copy of the converter's writer the same way, without data."""
+    return predict_layout(instance, order, tensors, jlcm_shapes, opt, kinds)[0]
+
+
+def predict_layout(instance, order: list[str], tensors: dict, jlcm_shapes: dict, opt,
+                   kinds: dict) -> tuple[int, dict[str, tuple[str, int]]]:
+    """predict_bytes, and each tensor's (type name, bytes in the file: data padded to the alignment, a JLCM
+    weight's companions included)."""
     import copy
 
     real = instance.gguf_writer
@@ -241,7 +259,13 @@ def predict_bytes(instance, order: list[str], tensors: dict, jlcm_shapes: dict, 
     try:
         _add_tensors(scratch, order, tensors, jlcm_shapes, opt, kinds, dry=True)
         _add_metadata(instance, kinds, opt)
-        return file_bytes(scratch)
+        a = scratch.data_alignment
+        layout: dict[str, tuple[str, int]] = {}
+        for name, ti in scratch.tensors[0].items():
+            base = name if name in tensors else name.rsplit(".", 1)[0]  # a companion counts with its weight
+            kind, n = layout.get(base, (ti.dtype.name, 0))
+            layout[base] = (kind, n + -(-ti.nbytes // a) * a)
+        return file_bytes(scratch), layout
     finally:
         instance.gguf_writer = real
         instance.metadata = metadata

@@ -331,7 +331,7 @@ def _kill_after(args: list, out: Path, blocks: int) -> int:
 def test_learning_report_and_resume_equal_an_uninterrupted_run(small, tmp_path):
     """With joint learning (proximal mappings) and --report: a killed and resumed conversion writes the same bytes
     and the same per-block report as an uninterrupted one; the report's totals add up."""
-    learn = FAST + ["--learn-steps", "6"]
+    learn = FAST + ["--learn-steps", "6", "--layer-rounds", "2"]
     ref, ref_report = tmp_path / "ref.gguf", tmp_path / "ref.json"
     res = run(CONVERTER + [small, "--outfile", ref, "--report", ref_report] + learn)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -344,6 +344,12 @@ def test_learning_report_and_resume_equal_an_uninterrupted_run(small, tmp_path):
     assert tot["indices"] == sum(b["indices"] for b in report["blocks"]) > 0
     assert tot["indices_changed"] == sum(b["indices_changed"] for b in report["blocks"])
     assert tot["indices_changed_frac"] == tot["indices_changed"] / tot["indices"]
+    # layer-wise learning (--layer-rounds 2) ran first, on every matrix, and moved indices
+    lay = report["layer_learning"]
+    assert lay["matrices"] == 7 * N_LAYER and lay["indices"] == tot["indices"]
+    assert lay["indices_changed"] == sum(b["layer_indices_changed"] for b in report["blocks"]) > 0
+    assert lay["loss_after_mean"] < lay["loss_before_mean"]
+    assert report["indices_changed"]["changed"] == lay["indices_changed"] + tot["indices_changed"]
 
     out, out_report = tmp_path / "out.gguf", tmp_path / "out.json"
     args = CONVERTER + [small, "--outfile", out, "--report", out_report] + learn
@@ -354,15 +360,18 @@ def test_learning_report_and_resume_equal_an_uninterrupted_run(small, tmp_path):
     assert out.read_bytes() == ref.read_bytes()
     resumed = json.loads(out_report.read_text())
     assert resumed["blocks"] == report["blocks"] and resumed["learning"] == report["learning"]
+    assert resumed["layer_learning"] == report["layer_learning"]
 
 
 def test_learn_mappings_off_changes_no_index(small, tmp_path):
     report = tmp_path / "off.json"
     res = run(CONVERTER + [small, "--outfile", tmp_path / "off.gguf", "--report", report, "--learn-mappings", "off"]
-              + FAST + ["--learn-steps", "6"])
+              + FAST + ["--learn-steps", "6", "--layer-rounds", "2"])
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(report.read_text())
     assert r["learn_mappings"] == "off" and r["learning"]["indices_changed"] == 0
+    assert r["layer_learning"]["indices_changed"] == 0 and r["indices_changed"]["changed"] == 0
+    assert r["layer_learning"]["loss_after_mean"] < r["layer_learning"]["loss_before_mean"]  # codebooks and scales
     assert any(b["kept"] for b in r["blocks"]), "codebook and scale learning lowered no block's loss"
 
 
@@ -383,6 +392,7 @@ def test_end_to_end_tuning_lowers_held_out_kl_and_changes_the_file(small, tmp_pa
     assert t["kept"] and t["kl_after"] < 0.95 * t["kl_before"], t
     # tuning leaves the indices alone by default (--tune-mappings off): the report says so
     assert r["tune_mappings"] == "off" and t["indices_changed"] == 0 and not t["mapping_trials"]
+    assert r["layer_rounds"] == 0 and r["layer_learning"] is None   # off by default
     assert r["indices_changed"]["changed"] == 0 and r["indices_changed"]["indices"] == t["indices"] > 0
     a, b = GGUFReader(str(base)), GGUFReader(str(tuned))
     assert [(x.name, x.tensor_type) for x in a.tensors] == [(x.name, x.tensor_type) for x in b.tensors]

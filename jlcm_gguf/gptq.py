@@ -31,15 +31,10 @@ def inverse_cholesky(H: np.ndarray, damp: float) -> torch.Tensor:
 
 
 def assign_gptq(w: np.ndarray, bits: int, cb: np.ndarray, bounds: np.ndarray | None, H: np.ndarray,
-                damp: float = 0.1, batch: int = 128, d: np.ndarray | None = None,
-                near: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                damp: float = 0.1, batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """Entry point. (idx uint8 [rows, cols], d float16 [rows, cols/64]) like pack.assign, for rows of w in
     stored order against int8 group codebooks, minimising the output error under the full input Hessian
-    H [cols, cols] (columns in w's column order).
-
-    For the mapping step of layer-wise learning (learn.learn_layer): `d` fixes the block scales instead of
-    choosing them, and `near` (indices into cb [rows, cols]) keeps each weight's codeword within one sorted
-    position of that index (the proximal constraint)."""
+    H [cols, cols] (columns in w's column order)."""
     rows, cols = w.shape
     if cols % QK or H.shape != (cols, cols):
         raise ValueError(f"shape mismatch: w {w.shape}, H {H.shape}")
@@ -51,30 +46,24 @@ def assign_gptq(w: np.ndarray, bits: int, cb: np.ndarray, bounds: np.ndarray | N
     c = torch.as_tensor(srt[grp])                                # [rows, K] each row's sorted codewords
     mid = (c[:, 1:] + c[:, :-1]) / 2
     to_index = torch.as_tensor(order[grp].astype(np.int64))
-    near_pos = None
-    if near is not None:   # the index's position in its row's sorted codebook
-        rank = np.argsort(order, axis=1)
-        near_pos = torch.as_tensor(np.take_along_axis(rank[grp], np.asarray(near, dtype=np.int64), axis=1))
     hdiag = np.diag(H).copy()
     Hinv = inverse_cholesky(H, damp).float()
     W = torch.tensor(np.asarray(w, dtype=np.float32))
     W[:, torch.as_tensor(hdiag <= 0)] = 0                      # columns no input reaches
     pos = torch.empty((rows, cols), dtype=torch.long)
-    fixed = d is not None
-    d = np.array(d, dtype=np.float16) if fixed else np.empty((rows, cols // QK), dtype=np.float16)
+    d = np.empty((rows, cols // QK), dtype=np.float16)
     step = max(QK, batch // QK * QK)                             # batches hold whole blocks
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the loop is thousands of small ops: threads only add overhead
     try:
-        _round_columns(W, Hinv, c, mid, pos, d, hdiag, bits, cb, bounds, step, fixed, near_pos)
+        _round_columns(W, Hinv, c, mid, pos, d, hdiag, bits, cb, bounds, step)
     finally:
         torch.set_num_threads(threads)
     idx = to_index.gather(1, pos).to(torch.uint8).numpy()
     return idx, d
 
 
-def _round_columns(W, Hinv, c, mid, pos, d, hdiag, bits, cb, bounds, step, fixed=False, near=None) -> None:
-    k = c.shape[1]
+def _round_columns(W, Hinv, c, mid, pos, d, hdiag, bits, cb, bounds, step) -> None:
     rows, cols = W.shape
     for i1 in range(0, cols, step):
         i2 = min(i1 + step, cols)
@@ -82,16 +71,13 @@ def _round_columns(W, Hinv, c, mid, pos, d, hdiag, bits, cb, bounds, step, fixed
         for j in range(i2 - i1):
             col = i1 + j
             if col % QK == 0:
-                if not fixed:
-                    blk = W1[:, j:j + QK].numpy()
-                    _, db = assign(blk, bits, cb, bounds, hdiag[col:col + QK], starts=pack.GPTQ_SCALE_STARTS)
-                    d[:, col // QK] = db[:, 0]
-                scale = torch.as_tensor(d[:, col // QK].astype(np.float32))
+                blk = W1[:, j:j + QK].numpy()
+                _, db = assign(blk, bits, cb, bounds, hdiag[col:col + QK], starts=pack.GPTQ_SCALE_STARTS)
+                d[:, col // QK] = db[:, 0]
+                scale = torch.as_tensor(db[:, 0].astype(np.float32))
                 div = torch.where(scale != 0, scale, torch.ones_like(scale))  # as pack.nearest_codeword divides
             x = W1[:, j]
             p = (x[:, None] / div[:, None] > mid).sum(1)         # nearest codeword; ties to the lower, as assign
-            if near is not None:
-                p = torch.minimum(torch.maximum(p, near[:, col] - 1), near[:, col] + 1).clamp(0, k - 1)
             q = scale * c.gather(1, p[:, None])[:, 0]
             pos[:, col] = p
             e = (x - q) / Hinv[col, col]

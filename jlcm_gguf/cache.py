@@ -35,3 +35,27 @@ def pip_download(requirement: str, filename: str, sha256: str, binary: bool = Tr
     if digest != sha256:
         raise SystemExit(f"error: {path} has sha256 {digest}, expected {sha256}; delete it and retry")
     return path
+
+
+def npm_download(package: str, version: str, sha256: str) -> Path:
+    """A pinned package tarball from the npm registry (plain HTTPS, no npm needed), cached and checked."""
+    import urllib.request
+    dl = cache_dir() / "dl"
+    dl.mkdir(parents=True, exist_ok=True)
+    filename = f"{package}-{version}.tgz"
+    path = dl / filename
+    if not path.exists():
+        url = f"https://registry.npmjs.org/{package}/-/{filename}"
+        print(f"downloading {package}@{version} from the npm registry ...", file=sys.stderr)
+        tmp = path.with_name(filename + f".part{os.getpid()}")
+        try:
+            with urllib.request.urlopen(url, timeout=120) as r, open(tmp, "wb") as f:
+                f.write(r.read())
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise SystemExit(f"error: cannot download {url}: {e}")
+        os.replace(tmp, path)
+    digest = sha256_of(path)
+    if digest != sha256:
+        raise SystemExit(f"error: {path} has sha256 {digest}, expected {sha256}; delete it and retry")
+    return path

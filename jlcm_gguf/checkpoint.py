@@ -37,6 +37,8 @@ def fingerprint(opt, tokens: np.ndarray, source: str | None = None) -> str:
     h.update((source or converter_source_hash()).encode())
     h.update(json.dumps({k: getattr(opt, k) for k in FINGERPRINT_OPTIONS}, sort_keys=True).encode())
     h.update(np.ascontiguousarray(tokens).tobytes())
+    if getattr(opt, "imatrix_file", None):
+        h.update(Path(opt.imatrix_file).read_bytes())
     for f in sorted(Path(opt.model).iterdir()):
         if f.suffix in (".json", ".safetensors", ".model"):
             st = f.stat()

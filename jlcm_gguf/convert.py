@@ -57,7 +57,9 @@ class Options:
     groups: int = 16
     variant: str = "codebooks"
     embd_type: str = "jlcm4"
-    calib: Path | None = None
+    imatrix_file: Path | None = None  # --imatrix: a llama-imatrix file as the calibration importance (imatrix.py)
+    imatrix: dict | None = None       # ... as read by convert(): h per input-statistics key
+    calib: str | Path | None = None  # a named text (calib.CALIBRATION_TEXTS), a file, or None: the default
     nsamples: int = 32
     seqlen: int = 256
     seed: int = 0
@@ -245,7 +247,7 @@ def quantized_names(tensors: dict, hp: Hparams, embd_type: str, output_type: str
 
 def convert(opt: Options) -> dict:
     """Entry point of the converter. Returns a summary (sizes, bits per weight, timing)."""
-    from .calib import calibration_tokens, chat_calibration_tokens, default_calibration_text
+    from .calib import calibration_tokens, chat_calibration_tokens, resolve_calibration
     from .checkpoint import Checkpoint, fingerprint
     from .fold import fold_global
     from .gptq import assign_gptq
@@ -279,6 +281,12 @@ def convert(opt: Options) -> dict:
         from .rotate import rotate
         tensors, order = rotate(tensors, order, hp, opt.seed)
     overrides = tensor_overrides(tensors, hp, opt)  # before calibration: a bad pattern or type fails at once
+    if opt.imatrix_file:
+        if opt.rotate:
+            raise ConvertError("--imatrix cannot be combined with --rotate: the imatrix measures the unrotated inputs")
+        from .imatrix import read_imatrix
+        opt.imatrix = read_imatrix(opt.imatrix_file, tensors)
+        log.info("importance of %d matrices' inputs from %s", len(opt.imatrix), opt.imatrix_file)
 
     from transformers import AutoTokenizer
     tok_json = opt.model / "tokenizer.json"
@@ -291,7 +299,9 @@ def convert(opt: Options) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(str(opt.model))
     except Exception as e:  # noqa: BLE001 - any failure here is a bad tokenizer
         raise ConvertError(f"cannot load the tokenizer of {opt.model}: {e}")
-    calib = opt.calib or default_calibration_text()
+    calib = resolve_calibration(opt.calib)
+    if not calib.is_file():
+        raise ConvertError(f"calibration text {calib}: no such file (or name one of mix, kjv, brown)")
     if opt.tune_steps < 0:
         opt.tune_steps = auto_tune_steps(tensors, opt.nsamples)
     # tuning sees fresh windows at every step (repeating a few windows overfits the mappings); the block-wise pass
@@ -622,7 +632,8 @@ def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: 
                 layout = {n: companion_layout(n, tensors[n].shape[0], hp, opt.groups, candidates)
                           for n in candidates}
                 options = P.score_options(tensors, hp, tokens, layout, opt.groups, opt.variant, opt.seed,
-                                          fast=opt.fast, choices=choices, gptq_kinds=plan_gptq_kinds(opt))
+                                          fast=opt.fast, choices=choices, gptq_kinds=plan_gptq_kinds(opt),
+                                          imatrix=opt.imatrix)
             # a pinned matrix keeps its one scored option; a type the search does not score (q4_0, f16, a K-quant
             # without --kquants) and the matrices outside the plan count as fixed bytes
             searched = {}
@@ -676,6 +687,7 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
     from . import model as M
     from .fold import fold_layer
     from .gptq import assign_gptq
+    from .imatrix import apply_imatrix, rescale_hessian
     from .init import init_codebooks
     from .learn import finalize, learn_block, learn_layer, make_param
     from .pack import assign, dequantize, pack_blocks
@@ -700,9 +712,13 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
             M.blocks_forward(x_q, tensors, bid, hp, moments)
             y_f = M.blocks_forward(x_f, tensors, bid, hp) if opt.learn_steps else None
         count = sum(len(x) for x in x_q)
-        hessians.update(moments.means(count))
+        measured = moments.means(count)
+        hessians.update(apply_imatrix(measured, opt.imatrix))
         full = moments.matrices(count) if gptq else {}  # this block's only: one block's memory
         del moments
+        if opt.imatrix:  # GPTQ's Hessian takes the --imatrix diagonal, keeping the windows' correlations
+            full = {k: rescale_hessian(H, measured[k], opt.imatrix[k]) if k in opt.imatrix else H
+                    for k, H in full.items()}
 
         res = fold_layer(tensors, hessians, bid, hp, opt.groups, opt.seed + bid, quantized)
         # what a resumed run needs besides the packed weights: unquantized tensors the folds changed
@@ -817,5 +833,9 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         for x in x_q:
             moments("output", M.rms_norm(x, M.t(tensors["output_norm.weight"]), hp.rms_eps))
     count = sum(len(x) for x in x_q)
-    hessians.update(moments.means(count))
-    return jlcm, standard, hessians, moments.matrices(count)["output"] if head_gptq else None
+    measured = moments.means(count)
+    hessians.update(apply_imatrix(measured, opt.imatrix))
+    head_H = moments.matrices(count)["output"] if head_gptq else None
+    if head_H is not None and "output" in (opt.imatrix or {}):
+        head_H = rescale_hessian(head_H, measured["output"], opt.imatrix["output"])
+    return jlcm, standard, hessians, head_H

@@ -262,8 +262,9 @@ class BlockHessians:
     looks better than it is. A float forward pass advances one block at a time as the tensors are scored
     in block order: one block's matrices in memory."""
 
-    def __init__(self, tensors: dict, hp, tokens: np.ndarray):
+    def __init__(self, tensors: dict, hp, tokens: np.ndarray, imatrix: dict | None = None):
         from . import model as M
+        self.imatrix = imatrix or {}
         if len(tokens) < 2:
             raise ValueError("GPTQ scoring needs at least two calibration windows")
         self.tensors, self.hp = tensors, hp
@@ -287,6 +288,9 @@ class BlockHessians:
             self.full = tuple(m.matrices(c) for m, c in zip(moments, self.counts))
             self.bid += 1
         key = name.removesuffix(".weight")
+        if key in self.imatrix:  # its diagonal from --imatrix, the correlations from the windows
+            from .imatrix import rescale_hessian
+            return tuple(rescale_hessian(f[key], np.diag(f[key]), self.imatrix[key]) for f in self.full)
         return self.full[0][key], self.full[1][key]
 
 
@@ -387,7 +391,7 @@ def fisher_kl(w: np.ndarray, q: np.ndarray, marginals: tuple[np.ndarray, np.ndar
 def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple[int, bool]], groups: int,
                   variant: str, seed: int, fast: bool = False, kl_windows: int = 2,
                   choices: tuple[str, ...] = DEFAULT_CHOICES,
-                  gptq_kinds: frozenset[str] = frozenset()) -> dict[str, list[Option]]:
+                  gptq_kinds: frozenset[str] = frozenset(), imatrix: dict | None = None) -> dict[str, list[Option]]:
     """(bytes, score) of each tensor in `layout` at each width (see the module text). The layer matrices'
     JLCM widths in `gptq_kinds` are rounded by GPTQ as the converter rounds them; then every width of a
     layer matrix is compared by its output error under the full input Hessian, and the KL is still
@@ -415,7 +419,8 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
             if keep:
                 inputs.append(xs)
         ref = [torch.log_softmax(M.head(xs[-1], tensors, hp).double(), -1) for xs in inputs]
-    h = moments.means(count)
+    from .imatrix import apply_imatrix
+    h = apply_imatrix(moments.means(count), imatrix)
 
     def h_of(name):
         return h["output"] if not name.startswith("blk.") else h[name.removesuffix(".weight")]
@@ -444,7 +449,7 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
     if fast:
         marginals = fisher_marginals(tensors, hp, tokens, layout, seed)
         fisher_tokens = sum(len(s) for s in tokens[:FISHER_WINDOWS])
-    hessians = BlockHessians(tensors, hp, tokens) if gptq_kinds else None
+    hessians = BlockHessians(tensors, hp, tokens, imatrix) if gptq_kinds else None
     options: dict[str, list[Option]] = {}
     rng = np.random.default_rng(seed)
     for name in tqdm(sorted(layout, key=_natural), desc="scoring widths", unit="tensor"):

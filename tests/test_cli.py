@@ -18,7 +18,7 @@ SMALL = ["--groups", "4", "--nsamples", "2", "--seqlen", "32", "--tune-steps", "
 RESEARCH = ["--variant", "--rounding", "--learn-steps", "--no-learn", "--learn-mappings", "--learn-loss",
             "--tune-mappings", "--tune-mapping-confidence", "--plan-error", "--rotate"]
 USER = ["--outfile", "--outtype", "--dry-run", "--target-size", "--target-bpw", "--plan", "--token-embedding-type",
-        "--output-tensor-type", "--embd-type", "--tensor-type", "--calib", "--nsamples", "--resume", "--threads",
+        "--output-tensor-type", "--embd-type", "--tensor-type", "--imatrix", "--calib", "--nsamples", "--resume", "--threads",
         "--report"]
 
 
@@ -252,3 +252,107 @@ def test_tied_model_refuses_output_tensor_type(tiny_tied, capsys, tmp_path):
     _, t = dry_run(base + ["--token-embedding-type", "q8_0", "--tensor-type", "output=q5_0"], capsys)
     assert "output.weight" not in t and t["token_embd.weight"] == "Q8_0"
     assert t["blk.0.attn_output.weight"] == "Q5_0"  # re.search: "output" matches attn_output too
+
+
+# --- --imatrix -------------------------------------------------------------------------------------------------
+
+def tiny_float(model: Path) -> dict:
+    """The tiny model's float tensors as the vendored converter writes them (GGUF names and layout)."""
+    import gguf
+
+    from jlcm_gguf.convert import float_tensors, import_conversion
+    conversion = import_conversion()
+    config = json.loads((model / "config.json").read_text())
+    cls = conversion.get_model_class(conversion.get_model_architecture(config, conversion.ModelType.TEXT))
+    return float_tensors(cls(model, gguf.LlamaFileType.ALL_F32, Path("/dev/null"), eager=True))[0]
+
+
+def write_imatrix(path: Path, sums: dict[str, np.ndarray], count: float = 64.0) -> Path:
+    """A file in llama-imatrix's GGUF layout: NAME.in_sum2, NAME.counts and the imatrix.* metadata."""
+    import gguf
+    w = gguf.GGUFWriter(str(path), arch="imatrix")
+    w.add_string("general.type", "imatrix")
+    w.add_array("imatrix.datasets", ["test"])
+    w.add_uint32("imatrix.chunk_count", 1)
+    w.add_uint32("imatrix.chunk_size", 64)
+    for name, s in sums.items():
+        w.add_tensor(name + ".in_sum2", np.asarray(s, dtype=np.float32) * count)
+        w.add_tensor(name + ".counts", np.array([count], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_imatrix_weights_the_errors(tiny, tmp_path, capsys):
+    """--imatrix: a column that the file says is 10^4 times as important as the others is stored far more
+    accurately (GPTQ rounding, codebooks and scales all weigh it so), and the error weighted by the file's
+    importance is lower than without it."""
+    from jlcm_gguf.read import read_jlcm
+    ref = tiny_float(tiny)
+    layer = [n for n in ref if n.startswith("blk.") and n.endswith(".weight") and np.ndim(ref[n]) == 2]
+    sums = {}
+    for n in layer + ["output.weight"]:
+        s = np.ones(np.shape(ref[n])[1])
+        s[0] = 1e4
+        sums[n] = s
+    imatrix = write_imatrix(tmp_path / "imatrix.gguf", sums)
+    errors = {}
+    for label, extra in (("plain", []), ("imatrix", ["--imatrix", imatrix])):
+        out = tmp_path / f"{label}.gguf"
+        rc, _, err = cli([tiny, "--outfile", out, "--outtype", "jlcm2", *SMALL, *extra], capsys)
+        assert rc == 0, err[-3000:]
+        weights = read_jlcm(out)
+        errors[label] = {n: ((weights[n].dequantize() - ref[n]) ** 2).sum(0)
+                         for n in ("blk.0.attn_q.weight", "blk.1.attn_k.weight", "output.weight")}
+        # (matrices whose rows or columns the fold re-orders in the file, e.g. ffn_gate, would need that order)
+    for n, e in errors["imatrix"].items():
+        plain = errors["plain"][n]
+        # column 0: a much smaller error, paid for by the others (its 64-weight blocks' scales now fit column 0);
+        # the error weighted as the file says is lower
+        assert e[0] < 0.25 * plain[0], (n, e[0], plain[0])
+        assert e[1:].mean() > plain[1:].mean(), (n, e[1:].mean(), plain[1:].mean())
+        assert (e * sums[n]).sum() < (plain * sums[n]).sum(), n
+
+
+def test_imatrix_from_llama_imatrix_and_bad_files(tiny, tmp_path, capsys):
+    """A file written by llama-imatrix itself (--process-output: the head too) is read and converts; a non-GGUF
+    file, one of another model's widths and one without imatrix metadata each get one clear error."""
+    import subprocess
+
+    from conftest import tool
+    from jlcm_gguf.convert import llama_cpp_dir
+    from jlcm_gguf.imatrix import read_imatrix
+    import sys
+    f32 = tmp_path / "tiny-f32.gguf"
+    subprocess.run([sys.executable, str(llama_cpp_dir() / "convert_hf_to_gguf.py"), str(tiny), "--outtype",
+                    "f32", "--outfile", str(f32)], check=True, capture_output=True)
+    text = tmp_path / "text.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 60)
+    made = tmp_path / "made.gguf"
+    res = subprocess.run([str(tool("llama-imatrix")), "-m", str(f32), "-f", str(text), "-c", "64", "--chunks", "4",
+                          "-t", "2", "--process-output", "-o", str(made)], capture_output=True, text=True)
+    assert res.returncode == 0 and made.is_file(), res.stderr[-3000:]
+    ref = tiny_float(tiny)
+    h = read_imatrix(made, ref)
+    layer = {n.removesuffix(".weight") for n in ref if n.startswith("blk.") and np.ndim(ref[n]) == 2}
+    assert layer <= h.keys() and "output" in h
+    assert all(v.shape == (np.shape(ref["blk.0.attn_q.weight"])[1],) and np.all(v >= 0) and v.max() > 0
+               for k, v in h.items() if k.endswith("attn_q"))
+    out = tmp_path / "with-imatrix.gguf"
+    rc, _, err = cli([tiny, "--outfile", out, *SMALL, "--imatrix", made], capsys)
+    assert rc == 0 and out.is_file(), err[-3000:]
+
+    not_gguf = tmp_path / "old.dat"
+    not_gguf.write_bytes(b"\x07\x00\x00\x00" + b"x" * 100)
+    wrong = write_imatrix(tmp_path / "wrong.gguf", {"blk.0.attn_q.weight": np.ones(64)})
+    plain = tmp_path / "plain.gguf"
+    import gguf
+    g = gguf.GGUFWriter(str(plain), arch="llama")  # a GGUF file without imatrix metadata
+    g.write_header_to_file(); g.write_kv_data_to_file(); g.write_tensors_to_file(); g.close()
+    for bad, message in ((not_gguf, "legacy .dat imatrix"), (wrong, "an imatrix of another model"),
+                         (plain, "not a llama-imatrix file"), (tmp_path / "missing.gguf", "no such file")):
+        rc, _, err = cli([tiny, "--outfile", tmp_path / "x.gguf", *SMALL, "--imatrix", bad], capsys)
+        assert isinstance(rc, str) and message in rc and str(bad) in rc, (bad, rc)
+        assert not (tmp_path / "x.gguf").exists()

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jlcm_gguf.group import group_rows, row_profiles  # noqa: E402
 from jlcm_gguf.init import weighted_kmeans_1d  # noqa: E402
-from jlcm_gguf.models import MODELS  # noqa: E402
+from jlcm_gguf.reference_models import MODELS  # noqa: E402
 
 HF_MATRICES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from jlcm_gguf.cli import main as convert_main  # noqa: E402
 from jlcm_gguf.evaluate import EVAL_TEXTS, perplexity  # noqa: E402
-from jlcm_gguf.models import smollm2_hf_dir  # noqa: E402
+from jlcm_gguf.reference_models import smollm2_hf_dir  # noqa: E402
 
 QUESTION = "What is the capital of France?"
 

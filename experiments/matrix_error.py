@@ -4,7 +4,7 @@
 For each weight matrix of the chosen blocks: the relative activation-weighted error
 e = sum_j h_j sum_i (w_ij - q_ij)^2 / sum_j h_j sum_i w_ij^2 (h_j = the input's second moment from llama.cpp's
 imatrix.gguf in --out) of JLCM 2/3/4-bit as the planner's quick quantizer makes them (16 row groups, one
-k-means pass, plan.quick_error) and of the same matrix in each llama.cpp file (its type and error). Shows
+k-means pass, plan_scores.quick_error) and of the same matrix in each llama.cpp file (its type and error). Shows
 whether a perplexity gap comes from the quantizer of one matrix or from how the bits are spread.
 
     .venv/bin/python experiments/matrix_error.py --out out/bench-qwen --blocks 3,14 --doc docs/measurements/matrix-error-qwen.md
@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jlcm_gguf.model import LINEARS  # noqa: E402
-from jlcm_gguf.plan import quick_error  # noqa: E402
+from jlcm_gguf.plan_scores import quick_error  # noqa: E402
 
 LLAMA_FILES = ("Q2_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "Q4_K_M")
 JLCM_KINDS = ("jlcm2", "jlcm3", "jlcm4")

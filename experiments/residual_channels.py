@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jlcm_gguf.models import MODELS  # noqa: E402
+from jlcm_gguf.reference_models import MODELS  # noqa: E402
 
 
 def main() -> None:

@@ -58,8 +58,8 @@ def main(argv=None) -> int:
 
     from jlcm_gguf.calib import calibration_tokens, default_calibration_text
     from jlcm_gguf.convert import float_tensors, hparams_of, import_conversion
-    from jlcm_gguf.models import smollm2_hf_dir
-    from jlcm_gguf.plan import quick_error
+    from jlcm_gguf.reference_models import smollm2_hf_dir
+    from jlcm_gguf.plan_scores import quick_error
     from jlcm_gguf.rotate import rotate
 
     hf = smollm2_hf_dir()

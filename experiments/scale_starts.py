@@ -54,7 +54,7 @@ def main() -> int:
 
     import bench
     from jlcm_gguf.evaluate import perplexity, wikitext_test
-    from jlcm_gguf.models import MODELS
+    from jlcm_gguf.reference_models import MODELS
     hf = MODELS["smollm2"]()
     text = wikitext_test(a.out)
     seconds: dict[Path, float] = {}

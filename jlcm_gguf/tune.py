@@ -130,7 +130,7 @@ def windows_needed(steps: int, batch: int = TUNE_BATCH, held_out: int = TUNE_HEL
     return steps * batch + held_out if steps > 0 else 0
 
 
-def tune_end_to_end(tensors: dict, jlcm: dict, standard: dict, widths: dict, hp, tokens: np.ndarray, steps: int,
+def tune_end_to_end(tensors: dict, jlcm: dict, standard: dict, kinds: dict, hp, tokens: np.ndarray, steps: int,
                     batch: int = TUNE_BATCH, held_out: int = TUNE_HELD_OUT, lr_cb: float = 3e-3, lr_d: float = 3e-3,
                     lr_float: float = 3e-4, seed: int = 0, mappings: str = "off", move_frac: float = 1e-4,
                     lr_u: float = 0.02, confidence: float = 2.0, checkpoint: Path | None = None, key: str = "",
@@ -166,7 +166,7 @@ def tune_end_to_end(tensors: dict, jlcm: dict, standard: dict, widths: dict, hp,
 
         from .plan import ggml_type
         for n, data in standard.items():
-            fixed[n] = dequantize_standard(data, ggml_type(widths[n])).reshape(np.shape(tensors[n]))
+            fixed[n] = dequantize_standard(data, ggml_type(kinds[n])).reshape(np.shape(tensors[n]))
 
     def student(tok):
         t = dict(fixed)

@@ -276,9 +276,9 @@ def predict_layout(instance, order: list[str], tensors: dict, jlcm_shapes: dict,
 def _write_and_verify(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_out, standard: dict,
                       hessians: dict) -> dict:
     writer = instance.gguf_writer
-    n_weights, n_weights_jlcm, bytes_jlcm = _add_tensors(writer, order, tensors, jlcm, opt, opt.widths,
+    n_weights, n_weights_jlcm, bytes_jlcm = _add_tensors(writer, order, tensors, jlcm, opt, opt.kinds,
                                                          standard=standard, hessians=hessians)
-    _add_metadata(instance, opt.widths, opt)
+    _add_metadata(instance, opt.kinds, opt)
     expected = file_bytes(writer)
     writer.write_header_to_file(path=tmp_out)
     writer.write_kv_data_to_file()

@@ -30,7 +30,7 @@ from jlcm_gguf.calib import default_calibration_text  # noqa: E402
 from jlcm_gguf.cli import main as convert_main  # noqa: E402
 from jlcm_gguf.convert import llama_cpp_dir  # noqa: E402
 from jlcm_gguf.evaluate import tool  # noqa: E402
-from jlcm_gguf.models import smollm2_hf_dir  # noqa: E402
+from jlcm_gguf.reference_models import smollm2_hf_dir  # noqa: E402
 
 LLAMA_TYPES = ["Q4_K_M", "Q2_K", "IQ2_XXS", "IQ2_XS"]
 JLCM_BITS = [2, 3]

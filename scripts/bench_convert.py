@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from jlcm_gguf.convert import llama_cpp_dir  # noqa: E402
-from jlcm_gguf.models import smollm2_hf_dir  # noqa: E402
+from jlcm_gguf.reference_models import smollm2_hf_dir  # noqa: E402
 
 
 def timed(cmd) -> float:

@@ -34,7 +34,7 @@ from jlcm_gguf.evaluate import EVAL_TEXTS, calibration_overlap, perplexity, tool
 TEXT_NAMES = {"wikitext-2": "`WikiText-2 test (../shared, LF line endings)`",
               "llama.cpp-docs": "`llama.cpp-docs` (llama.cpp's docs/*.md at the pinned commit, 494,785 bytes, "
                                 "`--eval-text llama.cpp-docs`)"}
-from jlcm_gguf.models import MODELS  # noqa: E402
+from jlcm_gguf.reference_models import MODELS  # noqa: E402
 
 LLAMA_TYPES = ["Q2_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "Q4_K_M"]
 FRONT_TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "Q2_K", "Q4_K_M"]  # each needs a smaller, better JLCM file

@@ -44,7 +44,7 @@ def tmp(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The float SmolLM2-135M-Instruct Hugging Face folder (the reference model)."""
-    from jlcm_gguf.models import smollm2_hf_dir
+    from jlcm_gguf.reference_models import smollm2_hf_dir
     return smollm2_hf_dir()
 
 

@@ -297,7 +297,7 @@ def test_imatrix_weights_the_errors(tiny, tmp_path, capsys):
         s = np.ones(np.shape(ref[n])[1])
         s[0] = 1e4
         sums[n] = s
-    imatrix = write_imatrix(tmp_path / "imatrix.gguf", sums)
+    imatrix = write_imatrix(tmp_path / "importance.gguf", sums)
     errors = {}
     for label, extra in (("plain", []), ("imatrix", ["--imatrix", imatrix])):
         out = tmp_path / f"{label}.gguf"

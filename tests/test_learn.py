@@ -115,7 +115,8 @@ def test_learning_is_deterministic():
 def test_normed_learn_loss_compares_what_the_next_norm_passes_on():
     """--learn-loss normed: a block's output is compared after the next block's attention RMSNorm (the head's
     after the last block), so a channel many times larger than the rest no longer owns the loss."""
-    from jlcm_gguf.convert import Options, learn_loss_norm
+    from jlcm_gguf.blocks import learn_loss_norm
+    from jlcm_gguf.convert import Options
     from jlcm_gguf.model import Hparams
 
     hp = Hparams(n_embd=4, n_head=1, n_head_kv=1, n_layer=2, n_ff=8, rms_eps=1e-6, rope_base=1e4)

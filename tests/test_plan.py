@@ -11,6 +11,7 @@ import pytest
 
 from conftest import CONVERTER, error_line, run, tool
 from jlcm_gguf import plan as P
+from jlcm_gguf import plan_scores as S
 
 
 def random_options(rng, n=40) -> dict[str, list[P.Option]]:
@@ -61,9 +62,9 @@ def test_search_meets_budget_and_larger_budget_never_scores_worse():
         for _, n, i in seq:
             cum.append(cum[-1] - (fronts[n][i - 1].bytes - fronts[n][i].bytes))
         for budget in budgets:
-            widths, size = P.walk(opts, int(budget))
-            assert size == P.plan_bytes(opts, widths) <= budget
-            score = P.plan_score(opts, widths)
+            kinds, size = P.walk(opts, int(budget))
+            assert size == P.plan_bytes(opts, kinds) <= budget
+            score = P.plan_score(opts, kinds)
             # never worse than the plain greedy (the first prefix of the move sequence that fits)
             k = next(j for j, c in enumerate(cum) if c <= budget)
             prefix = {n: 0 for n in fronts}
@@ -100,9 +101,9 @@ def test_parse_size():
 
 
 def test_plan_json_roundtrip_and_bad_plans(tmp_path):
-    widths = {"blk.0.attn_q.weight": "jlcm2", "blk.10.ffn_up.weight": "q8_0", "token_embd.weight": "jlcm3"}
-    P.save_plan(tmp_path / "p.json", widths, {"target_bytes": 5})
-    assert P.load_plan(tmp_path / "p.json") == widths
+    kinds = {"blk.0.attn_q.weight": "jlcm2", "blk.10.ffn_up.weight": "q8_0", "token_embd.weight": "jlcm3"}
+    P.save_plan(tmp_path / "p.json", kinds, {"target_bytes": 5})
+    assert P.load_plan(tmp_path / "p.json") == kinds
     (tmp_path / "bad.json").write_text(json.dumps({"format": P.PLAN_FORMAT, "tensors": {"x": "jlcm5"}}))
     with pytest.raises(P.PlanError, match="valid type"):
         P.load_plan(tmp_path / "bad.json")
@@ -163,10 +164,10 @@ def test_plan_in_metadata_matches_tensor_types(mixed):
     from gguf import GGUFReader
 
     path, plan_json, _ = mixed
-    widths = P.load_plan(path)
-    assert widths == P.load_plan(plan_json)
+    kinds = P.load_plan(path)
+    assert kinds == P.load_plan(plan_json)
     types = {t.name: int(t.tensor_type) for t in GGUFReader(str(path)).tensors}
-    assert {n: types[n] for n in widths} == {n: P.type_id(k) for n, k in widths.items()}
+    assert {n: types[n] for n in kinds} == {n: P.type_id(k) for n, k in kinds.items()}
 
 
 def test_plan_from_gguf_reproduces_the_file(smollm2, mixed, tmp_path):
@@ -237,7 +238,7 @@ def test_scores_of_another_scorer_are_refused(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(P.PlanError, match="another version of the planner"):
         P.load_options(path)
-    doc["scorer"] = 6  # scorer 7 without GPTQ-scored widths measures what 6 did
+    doc["scorer"] = 6  # scorer 7 without GPTQ-scored kinds measures what 6 did
     path.write_text(json.dumps(doc))
     assert P.load_options(path) == options
     with pytest.raises(P.PlanError, match="another version of the planner"):
@@ -297,8 +298,8 @@ def test_kquant_choices_only_where_the_width_allows(smollm2_float):
     tensors, _, hp = smollm2_float
     names = ["blk.3.attn_q.weight", "blk.3.ffn_down.weight"]
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 49152, size=(P.FISHER_WINDOWS, 64))
-    options = P.score_options(tensors, hp, tokens, {n: (4, True) for n in names}, 4, "codebooks", 0, fast=True,
+    tokens = rng.integers(0, 49152, size=(S.FISHER_WINDOWS, 64))
+    options = S.score_options(tensors, hp, tokens, {n: (4, True) for n in names}, 4, "codebooks", 0, fast=True,
                               choices=P.palette(kquants=True))
     assert [o.kind for o in options[names[0]]] == list(P.DEFAULT_CHOICES)
     down = {o.kind: o for o in options[names[1]]}
@@ -308,24 +309,24 @@ def test_kquant_choices_only_where_the_width_allows(smollm2_float):
 
 
 def test_gptq_scoring_credits_what_gptq_rounding_saves(smollm2_float, tmp_path):
-    """Scorer 7: with the converter's GPTQ rounding at 2 and 3 bits, a layer matrix's widths are compared by
+    """Scorer 7: with the converter's GPTQ rounding at 2 and 3 bits, a layer matrix's kinds are compared by
     their output error under the full input Hessian of held-out windows, GPTQ-rounded (fitted to the other
     windows) where the converter will round so. GPTQ lowers that error, so the 2-bit option scores below
     the nearest-rounded KL it is scaled from (by little for ffn_down, 1536 columns fitted on 256 tokens;
-    in sample it even made 3 bits beat 4 there); saved scores remember which widths were GPTQ-scored."""
+    in sample it even made 3 bits beat 4 there); saved scores remember which kinds were GPTQ-scored."""
     tensors, _, hp = smollm2_float
     names = ["blk.0.attn_q.weight", "blk.1.attn_output.weight", "blk.1.ffn_down.weight"]
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 49152, size=(P.FISHER_WINDOWS, 64))
+    tokens = rng.integers(0, 49152, size=(S.FISHER_WINDOWS, 64))
     layout = {n: (4, True) for n in names}
-    nearest = P.score_options(tensors, hp, tokens, layout, 4, "codebooks", 0, fast=True)
+    nearest = S.score_options(tensors, hp, tokens, layout, 4, "codebooks", 0, fast=True)
     kinds = frozenset({"jlcm2", "jlcm3"})
-    gptq = P.score_options(tensors, hp, tokens, layout, 4, "codebooks", 0, fast=True, gptq_kinds=kinds)
+    gptq = S.score_options(tensors, hp, tokens, layout, 4, "codebooks", 0, fast=True, gptq_kinds=kinds)
     for n in names:
         before, after = ({o.kind: o.score for o in v[n]} for v in (nearest, gptq))
         assert after["jlcm2"] < (1.0 if "ffn_down" in n else 0.6) * before["jlcm2"], (n, before, after)
         assert after["jlcm2"] > after["jlcm3"] and after["jlcm4"] > after["q5_0"] > after["q8_0"] > 0, (n, after)
-    hessians = P.BlockHessians(tensors, hp, tokens)
+    hessians = S.BlockHessians(tensors, hp, tokens)
     fit, held_out = hessians("blk.1.ffn_down.weight")
     assert fit.shape == held_out.shape == (1536, 1536) and np.allclose(fit, fit.T) and not np.allclose(fit, held_out)
     with pytest.raises(ValueError, match="after block 1"):
@@ -338,7 +339,8 @@ def test_gptq_scoring_credits_what_gptq_rounding_saves(smollm2_float, tmp_path):
 
 
 def test_plan_error_rounding_scores_the_widths_the_converter_rounds_by_gptq(tmp_path):
-    from jlcm_gguf.convert import Options, plan_gptq_kinds
+    from jlcm_gguf.blocks import plan_gptq_kinds
+    from jlcm_gguf.convert import Options
     opt = lambda **k: Options(model=tmp_path, outfile=tmp_path / "x.gguf", **k)  # noqa: E731
     assert plan_gptq_kinds(opt()) == set()  # the default: scorer 6's comparison, measured better on Qwen
     assert plan_gptq_kinds(opt(plan_error="rounding")) == {"jlcm2", "jlcm3"}
@@ -371,9 +373,9 @@ def test_fisher_estimate_tracks_the_measured_kl(smollm2, smollm2_float):
     names.append("token_embd.weight")  # 49152 rows, scored on a sample of 1024 (also ffn_up: 1536 rows)
     layout = {n: (4, True) for n in names}
     tokens = calibration_tokens(default_calibration_text(), AutoTokenizer.from_pretrained(str(smollm2)),
-                                P.FISHER_WINDOWS, 128, 0)
-    measured = P.score_options(tensors, hp, tokens, layout, 4, "codebooks", 0, kl_windows=P.FISHER_WINDOWS)
-    estimated = P.score_options(tensors, hp, tokens, layout, 4, "codebooks", 0, fast=True)
+                                S.FISHER_WINDOWS, 128, 0)
+    measured = S.score_options(tensors, hp, tokens, layout, 4, "codebooks", 0, kl_windows=S.FISHER_WINDOWS)
+    estimated = S.score_options(tensors, hp, tokens, layout, 4, "codebooks", 0, fast=True)
     kl = np.array([measured[n][0].score for n in names])
     est = np.array([estimated[n][0].score for n in names])
     rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731

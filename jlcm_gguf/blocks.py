@@ -30,11 +30,11 @@ def gptq_rounding(opt, name: str) -> bool:
 
 
 def plan_gptq_kinds(opt) -> frozenset[str]:
-    """The JLCM widths the plan scores with GPTQ rounding, as gptq_rounding will round them."""
-    from .plan import WIDTHS
+    """The JLCM kinds the plan scores with GPTQ rounding, as gptq_rounding will round them."""
+    from .plan import JLCM_BITS
     if opt.plan_error == "nearest":
         return frozenset()
-    return frozenset(f"jlcm{b}" for b in WIDTHS if opt.rounding == "gptq" or opt.rounding == "auto" and b <= 3)
+    return frozenset(f"jlcm{b}" for b in JLCM_BITS if opt.rounding == "gptq" or opt.rounding == "auto" and b <= 3)
 
 
 def fast_init(opt) -> dict:

@@ -141,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="--tune-mappings proximal proposes a move only if the gradient's mean, shrunk "
                                "towards zero by Z standard errors, predicts a lower loss (default 2; 0: the raw mean)")
     research.add_argument("--plan-error", choices=["nearest", "rounding"], default="nearest",
-                          help="how the plan compares a layer matrix's widths: by the diagonal-weighted error of nearest "
+                          help="how the plan compares a layer matrix's kinds: by the diagonal-weighted error of nearest "
                                "rounding (default), or by its held-out output error under the full input Hessian with "
-                               "each width rounded as --rounding rounds it (ablation: worse on Qwen, docs/CONVERTER.md)")
+                               "each kind rounded as --rounding rounds it (ablation: worse on Qwen, docs/CONVERTER.md)")
     research.add_argument("--rotate", action="store_true",
                           help="fold a randomized Hadamard rotation of the residual stream into the weights (same function, "
                                "fewer outliers; measured worse on SmolLM2 at equal size, docs/CONVERTER.md)")

@@ -82,7 +82,7 @@ class Options:
     plan: Path | None = None   # --plan: kinds from a JSON plan or a JLCM GGUF's metadata
     save_plan: Path | None = None
     rotate: bool = False       # --rotate: randomized Hadamard rotation of the residual stream (rotate.py)
-    plan_error: str = "nearest"  # or "rounding": the plan compares widths as --rounding rounds them (plan.py)
+    plan_error: str = "nearest"  # or "rounding": the plan compares kinds as --rounding rounds them (plan.py)
     fast: bool = False         # --fast: float16 weights in memory, one k-means pass, plan with the Fisher estimate of the KL
     kquants: bool = False      # --kquants: a plan may also use llama.cpp's Q2_K ... Q6_K (plan.KQUANT_CHOICES)
     embd_pinned: bool = False  # --embd-type given with a size budget or plan: the embeddings keep that type
@@ -532,7 +532,7 @@ def plan_kinds(instance, order: list[str], tensors: dict, hp: Hparams, tokens: n
             smallest = size_of({**{n: P.CHOICES[0] for n in candidates}, **pinned})
             if smallest > target:
                 raise P.PlanError(f"the target of {target:,} bytes is too small: with every weight matrix at "
-                                  f"JLCM {P.WIDTHS[0]}-bit" + (" (and the types given by hand)" if overrides else "")
+                                  f"JLCM {P.JLCM_BITS[0]}-bit" + (" (and the types given by hand)" if overrides else "")
                                   + f" the file takes {smallest:,}")
             if saved:  # a plan file with scores and a new budget: search again, no scoring
                 options = saved

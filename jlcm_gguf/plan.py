@@ -26,7 +26,7 @@ log = logging.getLogger("jlcm-convert")
 CHOICES = ("jlcm2", "q2_k", "jlcm3", "q3_k", "jlcm4", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
 KQUANT_CHOICES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 DEFAULT_CHOICES = tuple(k for k in CHOICES if k not in KQUANT_CHOICES)
-WIDTHS = (2, 3, 4)
+JLCM_BITS = (2, 3, 4)
 # types a matrix can be given by hand (--tensor-type, --token-embedding-type, --output-tensor-type, or a plan file
 # written with them) that the search never chooses
 PINNED_ONLY = ("q4_0", "f16")
@@ -40,7 +40,7 @@ SCORER = 7  # saved scores of another scorer are refused (2: Q5_0/Q8_0 errors of
             # 4: --fast draws its row sample by Fisher information and no longer weights it as if it
             # held the whole matrix's; 5: JLCM errors with pack.assign's search over six starting scales;
             # 6: over +amax and -amax, pack.SCALE_STARTS; 7: with gptq_kinds (--plan-error rounding), layer
-            # matrices by their output error under the full input Hessian, those widths rounded by GPTQ,
+            # matrices by their output error under the full input Hessian, those kinds rounded by GPTQ,
             # saved as "gptq_kinds"; without, the same scores as 6, whose files are still read)
 
 
@@ -273,11 +273,11 @@ def load_options(path: Path, gptq_kinds: frozenset[str] = frozenset()) -> dict[s
         scored_gptq = set(doc.get("gptq_kinds", [])) if out else set(gptq_kinds)
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise PlanError(f"cannot read the scores in {path}: {e}") from None
-    if scorer != SCORER and not (scorer == 6 and not gptq_kinds):  # 7 without GPTQ widths is 6
+    if scorer != SCORER and not (scorer == 6 and not gptq_kinds):  # 7 without GPTQ kinds is 6
         raise PlanError(f"the scores in {path} were measured by another version of the planner (scorer {scorer}, "
                         f"this one is {SCORER}): plan again with --save-plan")
     if scored_gptq != set(gptq_kinds):
-        raise PlanError(f"the scores in {path} rounded {sorted(scored_gptq) or 'no width'} by GPTQ, this plan rounds "
+        raise PlanError(f"the scores in {path} rounded {sorted(scored_gptq) or 'no kind'} by GPTQ, this plan rounds "
                         f"{sorted(gptq_kinds) or 'none'} so (--rounding, --plan-error): plan again with --save-plan")
     if any(o.kind not in CHOICES or o.bytes <= 0 for v in out.values() for o in v):
         raise PlanError(f"{path} has scores for an unknown type or size")

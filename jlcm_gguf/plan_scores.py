@@ -6,15 +6,15 @@ Q8_0; with --kquants also llama.cpp's Q2_K ... Q6_K (quantized by llama.cpp itse
 matrices whose width is a multiple of 256. Inference only. For every tensor and choice the weights are quantized by a fast version of the
 converter's own quantizer (grouping + one k-means pass; gguf-py's for Q5_0/Q8_0), which gives the error e(b) = sum_j h_j sum_i (w_ij - q_ij)^2
 (h_j = E[x_j^2], the input's second moment from a float forward pass on calibration text): the expected
-squared error the tensor adds to its output. The error only ranks the widths of one tensor; how much the
+squared error the tensor adds to its output. The error only ranks the kinds of one tensor; how much the
 tensor matters for the model is measured: the KL divergence of the output distribution from the float
 model's when that tensor alone is at its lowest width (JLCM 2-bit). The score of a choice is that KL scaled
 by e(choice) / e(lowest), an estimate of the KL the tensor adds stored that way. (`fast=True`, for models
 too large to run once per tensor: errors of a sample of rows, and the KL estimated to second order,
 KL ~ 1/2 sum_ij F_ij (w_ij - q_ij)^2 per token, from the Fisher information F of a few calibration windows
 (fisher_marginals: one forward and backward pass per window for all tensors together).) With
-`gptq_kinds` (--plan-error rounding, an ablation), a layer matrix's widths are compared by their output
-error under the full input Hessian instead, those widths rounded by GPTQ fitted to half the calibration
+`gptq_kinds` (--plan-error rounding, an ablation), a layer matrix's kinds are compared by their output
+error under the full input Hessian instead, those kinds rounded by GPTQ fitted to half the calibration
 windows and measured on the other half (BlockHessians); the KL is still that of nearest rounding at the
 lowest width, scaled by its output error.
 """
@@ -208,8 +208,8 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
                   variant: str, seed: int, fast: bool = False, kl_windows: int = 2,
                   choices: tuple[str, ...] = DEFAULT_CHOICES,
                   gptq_kinds: frozenset[str] = frozenset(), imatrix: dict | None = None) -> dict[str, list[Option]]:
-    """(bytes, score) of each tensor in `layout` at each width (see the module text). The layer matrices'
-    JLCM widths in `gptq_kinds` are rounded by GPTQ as the converter rounds them; then every width of a
+    """(bytes, score) of each tensor in `layout` at each kind (see the module text). The layer matrices'
+    JLCM kinds in `gptq_kinds` are rounded by GPTQ as the converter rounds them; then every kind of a
     layer matrix is compared by its output error under the full input Hessian, and the KL is still
     measured with nearest rounding at the lowest width, whose output error it is scaled by."""
     import torch
@@ -268,7 +268,7 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
     hessians = BlockHessians(tensors, hp, tokens, imatrix) if gptq_kinds else None
     options: dict[str, list[Option]] = {}
     rng = np.random.default_rng(seed)
-    for name in tqdm(sorted(layout, key=natural_order), desc="scoring widths", unit="tensor"):
+    for name in tqdm(sorted(layout, key=natural_order), desc="scoring kinds", unit="tensor"):
         w = np.asarray(tensors[name], dtype=np.float32)
         rows_all = w.shape[0]
         sample = None

@@ -23,7 +23,7 @@ def random_options(rng, n=40) -> dict[str, list[P.Option]]:
         if rng.random() < 0.2:
             err = rng.gamma(1.0, 1.0, size=3)  # noisy measurements: a lower width may score better
         out[f"blk.{i // 7}.t{i % 7}.weight"] = [P.Option(f"jlcm{b}", P.tensor_bytes(rows, cols, b, groups, stored),
-                                                         float(e)) for b, e in zip(P.WIDTHS, err)]
+                                                         float(e)) for b, e in zip(P.JLCM_BITS, err)]
     return out
 
 
@@ -82,9 +82,9 @@ def test_search_meets_budget_and_larger_budget_never_scores_worse():
 
 def test_search_takes_the_cheapest_moves_first():
     # two tensors of the same size: the one whose error grows less gives up bits first
-    b = {w: P.tensor_bytes(64, 64, w, 1, False) for w in P.WIDTHS}
-    opts = {"robust": [P.Option(f"jlcm{w}", b[w], s) for w, s in zip(P.WIDTHS, (3.0, 1.5, 1.0))],
-            "fragile": [P.Option(f"jlcm{w}", b[w], s) for w, s in zip(P.WIDTHS, (300.0, 20.0, 1.0))]}
+    b = {w: P.tensor_bytes(64, 64, w, 1, False) for w in P.JLCM_BITS}
+    opts = {"robust": [P.Option(f"jlcm{w}", b[w], s) for w, s in zip(P.JLCM_BITS, (3.0, 1.5, 1.0))],
+            "fragile": [P.Option(f"jlcm{w}", b[w], s) for w, s in zip(P.JLCM_BITS, (300.0, 20.0, 1.0))]}
     assert P.search(opts, b[4] + b[3]) == {"robust": "jlcm3", "fragile": "jlcm4"}
     assert P.search(opts, b[2] + b[4]) == {"robust": "jlcm2", "fragile": "jlcm4"}
     assert P.search(opts, 2 * b[2]) == {"robust": "jlcm2", "fragile": "jlcm2"}
@@ -338,7 +338,7 @@ def test_gptq_scoring_credits_what_gptq_rounding_saves(smollm2_float, tmp_path):
         P.load_options(path, frozenset())
 
 
-def test_plan_error_rounding_scores_the_widths_the_converter_rounds_by_gptq(tmp_path):
+def test_plan_error_rounding_scores_the_kinds_the_converter_rounds_by_gptq(tmp_path):
     from jlcm_gguf.blocks import plan_gptq_kinds
     from jlcm_gguf.convert import Options
     opt = lambda **k: Options(model=tmp_path, outfile=tmp_path / "x.gguf", **k)  # noqa: E731

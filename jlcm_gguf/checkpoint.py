@@ -20,7 +20,8 @@ import numpy as np
 
 SUFFIX = ".jlcm-resume"
 FINGERPRINT_OPTIONS = ("bits", "groups", "variant", "embd_type", "nsamples", "seqlen", "seed", "learn_steps",
-                       "learn_mappings", "layer_rounds", "kinds", "rotate", "fast", "rounding", "learn_loss")
+                       "learn_mappings", "layer_rounds", "kinds", "rotate", "fast", "rounding", "learn_loss",
+                       "token_embd_type", "output_type")
 
 
 def converter_source_hash() -> str:

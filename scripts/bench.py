@@ -6,8 +6,8 @@ fraction of the memory-bandwidth limit that tg reaches.
     .venv/bin/python scripts/bench.py [--threads 2] [--out out/bench] [--json speed.json] [--doc docs/speed.md]
 
 Models (SmolLM2-135M-Instruct by default, all from the same float reference): F16; Q4_K_M, Q2_K, IQ2_XXS,
-IQ2_XS made by llama-quantize with an imatrix from llama-imatrix on the calibration text (the King James
-Bible, never the evaluation text); JLCM 2- and 3-bit from jlcm-convert. Files are kept in --out and reused.
+IQ2_XS made by llama-quantize with an imatrix from llama-imatrix on the default calibration text
+(jlcm_gguf/calib.py, never the evaluation text); JLCM 2- and 3-bit from jlcm-convert. Files are kept in --out and reused.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jlcm_gguf.calib import default_calibration_text  # noqa: E402
+from jlcm_gguf.calib import DEFAULT_CALIBRATION, default_calibration_text  # noqa: E402
 from jlcm_gguf.cli import main as convert_main  # noqa: E402
 from jlcm_gguf.convert import llama_cpp_dir  # noqa: E402
 from jlcm_gguf.evaluate import tool  # noqa: E402
@@ -170,7 +170,8 @@ def main() -> int:
         f"{max(r[1] for r in runs[BASELINE]):.0f} t/s over the rounds). Copy bandwidth measured in the same run: "
         f"{bandwidth / 1e9:.1f} GB/s. "
         "The llama.cpp types are made with `llama-quantize --imatrix` (imatrix "
-        "from `llama-imatrix` on the King James Bible); at SmolLM2's width of 576 most of their tensors fall "
+        f"from `llama-imatrix` on the calibration text `{DEFAULT_CALIBRATION}`); "
+        "at SmolLM2's width of 576 most of their tensors fall "
         "back to 32-wide types (IQ4_NL, Q4_0, Q5_0), which is why their files are larger than their names suggest.",
         "",
         f"| model | bytes | pp{a.pp} t/s | tg{a.tg} t/s | pp / {BASELINE} | tg / {BASELINE} (range over rounds) | "

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jlcm_gguf.cli import main as convert_main  # noqa: E402
-from jlcm_gguf.calib import default_calibration_text  # noqa: E402
+from jlcm_gguf.calib import DEFAULT_CALIBRATION, default_calibration_text  # noqa: E402
 from jlcm_gguf.evaluate import answer, perplexity, reference_gguf, tool, wikitext_test  # noqa: E402
 from jlcm_gguf.reference_models import cache_dir, smollm2_hf_dir  # noqa: E402
 
@@ -82,7 +82,7 @@ def main() -> int:
             return rc
     step(3, f"llama.cpp's {PEER} of the same model: llama-imatrix on the calibration text, llama-quantize",
          "about 2 minutes", t0)
-    imatrix = made_once(a.out / "SmolLM2-135M-Instruct.imatrix.gguf",
+    imatrix = made_once(a.out / f"SmolLM2-135M-Instruct.imatrix-{DEFAULT_CALIBRATION}.gguf",
                         [tool("llama-imatrix"), "-m", ref, "-f", default_calibration_text(), "--chunks", 64, "-c", 512,
                          "-t", 2, "-o", "{out}"])
     peer = made_once(a.out / f"SmolLM2-135M-Instruct-{PEER}.gguf",

@@ -5,7 +5,7 @@ llama-perplexity on an evaluation text, written as Markdown, JSON and an SVG siz
     .venv/bin/python scripts/eval_quality.py [--eval-text FILE|wikitext-2|llama.cpp-docs] [--chunks 40] [--json OUT] [--doc docs/measurements/results.md]
 
 Rows: the float reference (F16), llama.cpp's Q2_K, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and Q4_K_M made by
-llama-quantize with an imatrix from llama-imatrix on the calibration text (the King James Bible, never the
+llama-quantize with an imatrix from llama-imatrix on the default calibration text (jlcm_gguf/calib.py, never the
 evaluation text), and JLCM files from jlcm-convert (--jlcm, default 2, 3 and 4 bits, k-means codebooks).
 Models: SmolLM2-135M-Instruct (default) or Qwen2.5-Coder-1.5B-Instruct (--model); files are kept in --out
 (shared with scripts/bench.py for SmolLM2) and reused.
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench  # noqa: E402
-from jlcm_gguf.calib import default_calibration_text  # noqa: E402
+from jlcm_gguf.calib import DEFAULT_CALIBRATION, default_calibration_text  # noqa: E402
 from jlcm_gguf.convert import llama_cpp_dir  # noqa: E402
 from jlcm_gguf.cli import main as convert_main  # noqa: E402
 from jlcm_gguf.evaluate import EVAL_TEXTS, calibration_overlap, perplexity, tool  # noqa: E402
@@ -295,8 +295,8 @@ def main() -> int:
         f"{model_name}, `llama-perplexity -c {a.ctx} --chunks {a.chunks}` on "
         f"{text_name}. llama.cpp's types are made "
         f"with `llama-quantize --imatrix`, the imatrix from `llama-imatrix` on {a.imatrix_chunks} × 512 tokens of the "
-        "calibration text (King James "
-        "Bible); JLCM files with `jlcm-convert --bits N` (k-means codebooks, 16 groups, `--rounding auto`: GPTQ "
+        f"calibration text (`{DEFAULT_CALIBRATION}`, jlcm_gguf/calib.py); "
+        "JLCM files with `jlcm-convert --bits N` (k-means codebooks, 16 groups, `--rounding auto`: GPTQ "
         "rounding of the 2- and 3-bit layer matrices, nearest of the 4-bit ones; rows named `-learnS` add "
         "`--learn-steps S`, the joint codebook and proximal mapping learning of docs/ALGORITHM.md) on the same "
         "text" + (f", every conversion with `{a.convert_args}`" if a.convert_args else "") + ". "

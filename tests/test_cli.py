@@ -186,11 +186,12 @@ def test_types_by_hand_and_dry_run_size(tiny, tmp_path, capsys):
     plan = P.load_plan(out)
     assert plan["blk.0.ffn_down.weight"] == "f16" and plan["blk.0.attn_k.weight"] == "q4_0"
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
     try:
         llm.eval(llm.tokenize(b"In the beginning", add_bos=False))
-        # only the last token's row of llm.scores is written (the others are uninitialised memory)
-        assert np.all(np.isfinite(np.asarray(llm.scores[llm.n_tokens - 1])))
+        # llm.scores holds every token's logits only with logits_all (otherwise zeros)
+        logits = np.asarray(llm.scores[:llm.n_tokens])
+        assert np.all(np.isfinite(logits)) and logits.std(axis=1).min() > 1e-3
     finally:
         llm.close()
 

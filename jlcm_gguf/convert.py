@@ -475,6 +475,17 @@ def file_size(instance, order: list[str], tensors: dict, hp: Hparams, opt: Optio
     return predict_bytes(instance, order, tensors, jlcm_shapes(tensors, hp, opt, kinds), opt, kinds)
 
 
+def scores_digest(opt: Options, tokens: np.ndarray) -> str:
+    """What the plan's scores depend on besides the model: the calibration windows, the imatrix file and the
+    quantizer's settings (a saved plan's scores are reused only where this matches)."""
+    import hashlib
+    h = hashlib.sha256(np.ascontiguousarray(tokens).tobytes())
+    if opt.imatrix_file:
+        h.update(Path(opt.imatrix_file).read_bytes())
+    h.update(repr((opt.groups, opt.variant, opt.seed, opt.fast, opt.rotate, opt.plan_error)).encode())
+    return h.hexdigest()[:16]
+
+
 def plan_kinds(instance, order: list[str], tensors: dict, hp: Hparams, tokens: np.ndarray, opt: Options,
                 overrides: dict | None = None) -> dict[str, str]:
     """How each weight matrix is stored (a plan.KINDS entry; matrices not named keep the standard rule of
@@ -512,7 +523,7 @@ def plan_kinds(instance, order: list[str], tensors: dict, hp: Hparams, tokens: n
     options, fixed = None, 0
     try:
         choices = P.palette(opt.kquants)
-        saved = P.load_options(opt.plan, plan_gptq_kinds(opt)) if opt.plan and opt.plan.suffix == ".json" and target else {}
+        saved = P.load_options(opt.plan, plan_gptq_kinds(opt), scores_digest(opt, tokens)) if opt.plan and opt.plan.suffix == ".json" and target else {}
         if saved and set(saved) != candidates:
             raise P.PlanError(f"the scores saved in {opt.plan} are for another model")
         lacking = sorted({k for n in saved for k in choices if P.applicable(k, tensors[n].shape[1])}
@@ -578,7 +589,7 @@ def plan_kinds(instance, order: list[str], tensors: dict, hp: Hparams, tokens: n
     if opt.save_plan:
         P.save_plan(opt.save_plan, kinds, {"target_bytes": target, "predicted_bytes": size,
                                            "planned_budget": target - fixed if options else None}, options,
-                    plan_gptq_kinds(opt))
+                    plan_gptq_kinds(opt), scores_digest(opt, tokens))
     return kinds
 
 

@@ -249,28 +249,33 @@ def load_plan(path: Path) -> dict[str, str]:
 
 
 def save_plan(path: Path, bits: dict[str, str], info: dict | None = None,
-              options: dict[str, list[Option]] | None = None, gptq_kinds: frozenset[str] = frozenset()) -> None:
-    """JSON: the plan, what it was searched for, and (if given) every tensor's scored options, so a plan for
-    another budget can be searched again from the same scores."""
+              options: dict[str, list[Option]] | None = None, gptq_kinds: frozenset[str] = frozenset(),
+              scored_on: str = "") -> None:
+    """JSON: the plan, what it was searched for, and (if given) every tensor's scored options with the digest of
+    what they were measured on (scored_on), so a plan for another budget can be searched again from the same
+    scores."""
     doc = {"format": PLAN_FORMAT, "version": 1, **(info or {}),
            "tensors": {n: bits[n] for n in sorted(bits, key=natural_order)}}
     if options:
         doc["scorer"] = SCORER
         doc["gptq_kinds"] = sorted(gptq_kinds)
+        doc["scored_on"] = scored_on
         doc["options"] = {n: [[o.kind, o.bytes, o.score] for o in options[n]] for n in sorted(options, key=natural_order)}
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 
-def load_options(path: Path, gptq_kinds: frozenset[str] = frozenset()) -> dict[str, list[Option]]:
-    """The scored options saved with a plan ({} if it has none), if scored with GPTQ at `gptq_kinds`."""
+def load_options(path: Path, gptq_kinds: frozenset[str] = frozenset(), scored_on: str = "") -> dict[str, list[Option]]:
+    """The scored options saved with a plan ({} if it has none), if scored with GPTQ at `gptq_kinds` on the same
+    calibration data and importance (the digest `scored_on`)."""
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
         opts = doc.get("options", {}) if isinstance(doc, dict) else {}
         out = {n: [Option(str(k), int(b), float(sc)) for k, b, sc in v] for n, v in opts.items()}
         scorer = doc.get("scorer", 1) if out else SCORER
         scored_gptq = set(doc.get("gptq_kinds", [])) if out else set(gptq_kinds)
+        scored_on_file = doc.get("scored_on") if out else scored_on
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise PlanError(f"cannot read the scores in {path}: {e}") from None
     if scorer != SCORER and not (scorer == 6 and not gptq_kinds):  # 7 without GPTQ kinds is 6
@@ -279,6 +284,10 @@ def load_options(path: Path, gptq_kinds: frozenset[str] = frozenset()) -> dict[s
     if scored_gptq != set(gptq_kinds):
         raise PlanError(f"the scores in {path} rounded {sorted(scored_gptq) or 'no kind'} by GPTQ, this plan rounds "
                         f"{sorted(gptq_kinds) or 'none'} so (--rounding, --plan-error): plan again with --save-plan")
+    if scored_on_file != scored_on:
+        raise PlanError(f"the scores in {path} were measured on other calibration data or importance (the calibration "
+                        "text, --nsamples, --seqlen, --seed, --imatrix, --groups, --variant, --fast or --rotate "
+                        "differ): plan again with --save-plan")
     if any(o.kind not in CHOICES or o.bytes <= 0 for v in out.values() for o in v):
         raise PlanError(f"{path} has scores for an unknown type or size")
     return out

@@ -56,12 +56,12 @@ def build_models(hf: Path, out: Path, threads: int) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     f16 = _once(out / "f16.gguf", lambda t: _run([sys.executable, llama_cpp_dir() / "convert_hf_to_gguf.py", hf,
                                                      "--outtype", "f16", "--outfile", t]))
-    imatrix = _once(out / "imatrix.gguf", lambda t: _run([tool("llama-imatrix"), "-m", f16, "-f",
+    imatrix = _once(out / f"imatrix-{DEFAULT_CALIBRATION}.gguf", lambda t: _run([tool("llama-imatrix"), "-m", f16, "-f",
                                                           default_calibration_text(), "--chunks", "64", "-c", "512",
                                                           "-t", threads, "-o", t]))
     models = {"F16 (reference)": f16}
     for qt in LLAMA_TYPES:
-        models[qt] = _once(out / f"{qt}.gguf", lambda t, qt=qt: _run([tool("llama-quantize"), "--imatrix", imatrix,
+        models[qt] = _once(out / f"{qt}-imatrix-{DEFAULT_CALIBRATION}.gguf", lambda t, qt=qt: _run([tool("llama-quantize"), "--imatrix", imatrix,
                                                                       f16, t, qt, threads]))
     for bits in JLCM_BITS:
         def convert(t, bits=bits):

@@ -39,6 +39,7 @@ from jlcm_gguf.reference_models import MODELS  # noqa: E402
 LLAMA_TYPES = ["Q2_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "Q4_K_M"]
 FRONT_TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "Q2_K", "Q4_K_M"]  # each needs a smaller, better JLCM file
 HALF_GAP_TYPES = ["IQ2_XXS", "IQ2_XS", "Q2_K"]                            # ... closing half the gap at its size
+MAPPINGS = ["proximal", "off", "plain"]                                    # --learn-mappings, the ablation's order
 
 
 def row_specs(a, learned, ablations) -> list[tuple[str, str, list]]:
@@ -64,6 +65,10 @@ def row_specs(a, learned, ablations) -> list[tuple[str, str, list]]:
     for ref, s in a.mixed_learned:  # the same plan with joint learning on its JLCM matrices
         rows.append((f"jlcm-mixed@{ref}-learn{s}", f"jlcm-mixed-{ref}-learn{s}.gguf",
                      ["--target-size", f"={ref}", "--learn-steps", s]))
+    for b, r in a.mapping_ablation:  # issue #28: the index update of layer-wise learning toggled, all else default
+        rows += [(f"jlcm-{b}bit-layer{r}-{m}", f"jlcm{b}-layer{r}-{m}.gguf",
+                  ["--bits", b, "--layer-rounds", r, "--learn-mappings", m, "--report", a.out / f"jlcm{b}-layer{r}-{m}.report.json"])
+                 for m in MAPPINGS]
     rows += [(f"jlcm-{b}bit-rotated", f"jlcm{b}-rot.gguf", ["--bits", b, "--rotate"]) for b in a.rotated]
     rows += [(f"jlcm-{b}bit-nearest", f"jlcm{b}-nearest.gguf", ["--bits", b, "--rounding", "nearest"])
              for b in a.nearest]
@@ -194,6 +199,9 @@ def main() -> int:
     ap.add_argument("--learned", default="", help="JLCM rows with learning, BITS:STEPS[,...] (e.g. 4:40)")
     ap.add_argument("--ablations", default="", help="BITS:STEPS[,...]: the learned row and its ablations (plain "
                     "STE mapping gradient, one group, the scales variant) next to the k-means row of those bits")
+    ap.add_argument("--mapping-ablation", default="", help="BITS:ROUNDS[,...]: rows with --layer-rounds ROUNDS and each "
+                    "--learn-mappings (proximal, off, plain), the default schedule otherwise, beside the default row of "
+                    "those bits, with the fraction of indices each changed (its --report)")
     ap.add_argument("--rotated", default="", help="JLCM bit widths to convert with --rotate as well")
     ap.add_argument("--nearest", default="", help="JLCM bit widths to convert with --rounding nearest as well "
                     "(each weight to its nearest codeword instead of GPTQ rounding)")
@@ -237,6 +245,7 @@ def main() -> int:
     def pairs(arg: str) -> list[tuple[int, int]]:
         return [tuple(int(v) for v in item.split(":")) for item in arg.split(",") if item]
 
+    a.mapping_ablation = pairs(a.mapping_ablation)
     reuse = reused_rows(a.reuse) if a.reuse else {}
     hf = MODELS[a.model]()
     model_name = hf.name.removesuffix("-f32")
@@ -262,13 +271,13 @@ def main() -> int:
             [sys.executable, llama_cpp_dir() / "convert_hf_to_gguf.py", hf, "--outtype", "f16", "--outfile", t]))
 
     def imatrix() -> Path:
-        return bench._once(a.out / "imatrix.gguf", lambda t: bench._run(
+        return bench._once(a.out / f"imatrix-{DEFAULT_CALIBRATION}.gguf", lambda t: bench._run(
             [tool("llama-imatrix"), "-m", f16(), "-f", default_calibration_text(), "--chunks", a.imatrix_chunks, "-c", "512",
              "-t", a.threads, "-o", t]))
 
     measure("reference", f16)
     for qt in LLAMA_TYPES:
-        measure(qt, lambda qt=qt: bench._once(a.out / f"{qt}.gguf", lambda t: bench._run(
+        measure(qt, lambda qt=qt: bench._once(a.out / f"{qt}-imatrix-{DEFAULT_CALIBRATION}.gguf", lambda t: bench._run(
             [tool("llama-quantize"), "--imatrix", imatrix(), f16(), t, qt, a.threads])))
     for name, file, args in row_specs(a, pairs(a.learned), pairs(a.ablations)):
         args = [str(by[v[1:]]["bytes"]) if str(v).startswith("=") else str(v) for v in args]
@@ -338,6 +347,22 @@ def main() -> int:
                          f"{'yes' if best == names[1] else f'no, the best row is {best}'}. (Both learned rows keep "
                          "a block's learned result only where it lowered that block's reconstruction loss on the "
                          "calibration windows.)")
+    for b, r in a.mapping_ablation:
+        lines += ["", f"## Mapping ablation at {b} bits: {r} rounds of layer-wise learning, default tuning", "",
+                  f"`jlcm-convert --bits {b} --layer-rounds {r} --learn-mappings M` (docs/ALGORITHM.md#layer-wise-learning), "
+                  "every other setting the default; indices changed from the conversion's `--report` (all passes).", "",
+                  "| row | --learn-mappings | indices changed | perplexity |", "|---|---|---:|---:|"]
+        if f"jlcm-{b}bit" in by:
+            base = by[f"jlcm-{b}bit"]
+            lines.append(f"| jlcm-{b}bit | (no layer-wise learning) | 0 % | {base['ppl']:.3f} ± {base['ppl_err']:.3f} |")
+        for m in MAPPINGS:
+            n = f"jlcm-{b}bit-layer{r}-{m}"
+            rep = a.out / f"jlcm{b}-layer{r}-{m}.report.json"
+            frac = json.loads(rep.read_text())["indices_changed"]["frac"] if rep.exists() else float("nan")
+            lines.append(f"| {n} | {m} | {100 * frac:.2f} % | {by[n]['ppl']:.3f} ± {by[n]['ppl_err']:.3f} |")
+        ppl = {m: by[f"jlcm-{b}bit-layer{r}-{m}"]["ppl"] for m in MAPPINGS}
+        lines += ["", f"proximal < off: {'yes' if ppl['proximal'] < ppl['off'] else '**no**'}; "
+                  f"proximal < plain: {'yes' if ppl['proximal'] < ppl['plain'] else '**no**'}."]
     mixed_ref = {f"jlcm-mixed@{ref}": ref for ref in a.mixed}
     mixed_ref.update({f"jlcm-mixed@{ref}-learn{s}": ref for ref, s in a.mixed_learned})
     mixed_ref.update({f"jlcm-mixed@{ref}-embd-{qt}": ref for ref, qt in a.mixed_embd})

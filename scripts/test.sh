@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -v -rs "$@"
+exec .venv/bin/python -m pytest -v -rs --durations=30 "$@"

@@ -258,6 +258,23 @@ def test_tied_model_refuses_output_tensor_type(tiny_tied, capsys, tmp_path):
 
 # --- --imatrix -------------------------------------------------------------------------------------------------
 
+def test_saved_scores_only_for_the_same_calibration(tiny, tmp_path, capsys, caplog):
+    """--plan FILE.json with a new budget searches the saved scores again, but only if they were measured on the
+    same calibration windows, importance and quantizer settings; otherwise one clear error."""
+    caplog.set_level("INFO", logger="jlcm-convert")
+    plan = tmp_path / "plan.json"
+    base = [tiny, "--outfile", tmp_path / "a.gguf", "--outtype", "auto"] + SMALL
+    dry_run(base + ["--target-size", 11_000_000, "--save-plan", plan], capsys)
+    rc, _, err = cli(base + ["--target-size", 12_000_000, "--plan", plan, "--dry-run"], capsys)
+    assert rc == 0 and "searching the scores saved" in caplog.text, err[-3000:]
+    ref = tiny_float(tiny)
+    imatrix = write_imatrix(tmp_path / "importance.gguf", {n: np.ones(np.shape(ref[n])[1]) for n in ref
+                                                           if n.startswith("blk.") and np.ndim(ref[n]) == 2})
+    for extra in (["--seed", "1"], ["--imatrix", imatrix], ["--calib", "kjv"], ["--groups", "2"]):
+        rc, _, err = cli(base + ["--target-size", 12_000_000, "--plan", plan, "--dry-run", *extra], capsys)
+        assert rc != 0 and "measured on other calibration data or importance" in str(rc) + err, (extra, rc, err[-2000:])
+
+
 def tiny_float(model: Path) -> dict:
     """The tiny model's float tensors as the vendored converter writes them (GGUF names and layout)."""
     import gguf

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default: gptq for 2- and 3-bit matrices, nearest for 4-bit ones)")
     research.add_argument("--learn-steps", type=int, default=0,
                           help="Adam steps of joint codebook/mapping learning per transformer block (0: none; see docs/ALGORITHM.md)")
-    research.add_argument("--no-learn", action="store_true", help="k-means codebooks only (no learning)")
+    research.add_argument("--no-learn", action="store_true", help="no learning at all: k-means codebooks and GPTQ rounding only (--learn-steps 0 --layer-rounds 0 --tune-steps 0)")
     research.add_argument("--layer-rounds", type=int, default=LAYER_ROUNDS,
                           help="rounds of layer-wise learning after GPTQ rounding: codebooks and block scales refit by "
                                "least squares under the input Hessian, then one coordinate-descent sweep of the indices "
@@ -183,7 +183,7 @@ def parse_args(argv=None) -> Options:
     outfile = a.outfile or a.model / f"{a.model.name}-jlcm{'-auto' if a.outtype == 'auto' else bits}.gguf"
     return Options(model=a.model, outfile=outfile, bits=bits, groups=a.groups, variant=a.variant,
                    embd_type=a.embd_type or "jlcm4", embd_pinned=a.embd_type is not None, calib=a.calib, imatrix_file=a.imatrix, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                   threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, learn_mappings=a.learn_mappings, layer_rounds=a.layer_rounds, tune_mappings=a.tune_mappings, tune_confidence=a.tune_mapping_confidence, tune_chat=a.tune_chat, tune_steps=-1 if a.tune_steps == "auto" else int(a.tune_steps), report=a.report, learn_loss=a.learn_loss, rounding=a.rounding,
+                   threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, learn_mappings=a.learn_mappings, layer_rounds=0 if a.no_learn else a.layer_rounds, tune_mappings=a.tune_mappings, tune_confidence=a.tune_mapping_confidence, tune_chat=a.tune_chat, tune_steps=0 if a.no_learn else -1 if a.tune_steps == "auto" else int(a.tune_steps), report=a.report, learn_loss=a.learn_loss, rounding=a.rounding,
                    resume=a.resume, target_bytes=target_bytes, target_bpw=a.target_bpw or 0.0, plan=a.plan,
                    save_plan=a.save_plan, plan_error=a.plan_error, fast=a.fast, kquants=a.kquants, rotate=a.rotate,
                    token_embd_type=a.token_embedding_type, output_type=a.output_tensor_type,

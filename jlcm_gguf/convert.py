@@ -35,7 +35,7 @@ class ConvertError(SystemExit):
 
 
 AUTO_TUNE_STEPS = 64
-LAYER_ROUNDS = 0  # layer-wise learning rounds by default (measured: not a clear gain on SmolLM2 at 2 bits; learn.learn_layer; docs/ALGORITHM.md)
+LAYER_ROUNDS = 2  # layer-wise learning rounds by default (learn.learn_layer; measured with the mix calibration text and tuning in docs/ALGORITHM.md)
 AUTO_TUNE_PARAMS = (100e6, 1e9)  # --tune-steps auto tunes models of this many parameters (2-core CPU time)
 
 

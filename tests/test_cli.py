@@ -258,6 +258,21 @@ def test_tied_model_refuses_output_tensor_type(tiny_tied, capsys, tmp_path):
 
 # --- --imatrix -------------------------------------------------------------------------------------------------
 
+def test_no_learn_turns_every_learning_step_off(tiny, tmp_path, capsys):
+    """--no-learn: k-means codebooks and GPTQ rounding only; by default layer-wise learning and tuning run."""
+    base = [tiny, "--outtype", "jlcm2"] + [a for a in SMALL if a not in ("--tune-steps", "0")] + ["--tune-steps", "2"]
+    reports = {}
+    for label, extra in (("default", []), ("no-learn", ["--no-learn"])):
+        rc, _, err = cli(base + ["--outfile", tmp_path / f"{label}.gguf", "--report", tmp_path / f"{label}.json", *extra],
+                         capsys)
+        assert rc == 0, err[-3000:]
+        reports[label] = json.loads((tmp_path / f"{label}.json").read_text())
+    assert reports["default"]["layer_rounds"] == 2 and reports["default"]["layer_learning"]["indices_changed"] > 0
+    assert reports["default"]["tuning"]["steps"] == 2
+    off = reports["no-learn"]
+    assert off["layer_rounds"] == 0 and off["layer_learning"] is None and off["tuning"] is None and off["learning"] is None
+
+
 def test_saved_scores_only_for_the_same_calibration(tiny, tmp_path, capsys, caplog):
     """--plan FILE.json with a new budget searches the saved scores again, but only if they were measured on the
     same calibration windows, importance and quantizer settings; otherwise one clear error."""

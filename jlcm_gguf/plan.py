@@ -266,9 +266,10 @@ def save_plan(path: Path, bits: dict[str, str], info: dict | None = None,
     tmp.replace(path)
 
 
-def load_options(path: Path, gptq_kinds: frozenset[str] = frozenset(), scored_on: str = "") -> dict[str, list[Option]]:
-    """The scored options saved with a plan ({} if it has none), if scored with GPTQ at `gptq_kinds` on the same
-    calibration data and importance (the digest `scored_on`)."""
+def load_options(path: Path, gptq_kinds: frozenset[str] = frozenset(), scored_on: str | None = None
+                 ) -> dict[str, list[Option]]:
+    """The scored options saved with a plan ({} if it has none), if scored with GPTQ at `gptq_kinds` and (where
+    `scored_on` is given, as the converter does) on the same calibration data and importance (that digest)."""
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
         opts = doc.get("options", {}) if isinstance(doc, dict) else {}
@@ -284,7 +285,7 @@ def load_options(path: Path, gptq_kinds: frozenset[str] = frozenset(), scored_on
     if scored_gptq != set(gptq_kinds):
         raise PlanError(f"the scores in {path} rounded {sorted(scored_gptq) or 'no kind'} by GPTQ, this plan rounds "
                         f"{sorted(gptq_kinds) or 'none'} so (--rounding, --plan-error): plan again with --save-plan")
-    if scored_on_file != scored_on:
+    if scored_on is not None and scored_on_file != scored_on:
         raise PlanError(f"the scores in {path} were measured on other calibration data or importance (the calibration "
                         "text, --nsamples, --seqlen, --seed, --imatrix, --groups, --variant, --fast or --rotate "
                         "differ): plan again with --save-plan")

@@ -40,7 +40,7 @@ def main() -> None:
     tokens = calibration_tokens(default_calibration_text(), AutoTokenizer.from_pretrained(str(hf)), a.windows, 256, 0)
     with torch.inference_mode():
         tensors, _ = float_tensors(cls(hf, gguf.LlamaFileType.ALL_F32, Path("/dev/null"), eager=True), half=True)
-        xs = [M.embed(t, tensors) for t in tokens]
+        xs = [M.embed(t, tensors, hp) for t in tokens]
         for bid in range(min(a.blocks, hp.n_layer)):
             xs = M.blocks_forward(xs, tensors, bid, hp)
             ms = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).double().pow(2).mean(0)

@@ -36,7 +36,7 @@ def input_moments(tensors: dict, hp, tokens) -> dict:
     moments = M.InputMoments()
     with torch.inference_mode():
         for seq in tokens:
-            x = M.embed(seq, tensors)
+            x = M.embed(seq, tensors, hp)
             for bid in range(hp.n_layer):
                 x = M.block_forward(x, tensors, bid, hp, moments)
     return moments.means(sum(len(s) for s in tokens))

@@ -120,7 +120,7 @@ def learn_matrices(specs: dict, tensors: dict, hessians: dict, x_q: list, y_f: l
     params = {n: make_param(n, s["idx"], s["d"], s["cb"], s["ro"].bounds,
                             hessians.get(n.removesuffix(".weight"))) for n, s in specs.items()}
     inverse = {n: torch.as_tensor(np.argsort(s["ro"].order)) for n, s in specs.items() if s["ro"].stored}
-    base = {k: v for k, v in tensors.items() if k.startswith(f"blk.{bid}.")}
+    base = M.block_tensors(tensors, bid)
 
     # "normed" (ablation): the error after the next attention RMSNorm, where a few very large residual
     # channels weigh less; worse on SmolLM2 (docs/ALGORITHM.md)
@@ -207,7 +207,7 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         log.info("resuming after block %d of %d from %s", start, hp.n_layer, ckpt.dir)
     else:
         with torch.inference_mode():
-            x_q = [M.embed(s, tensors) for s in tokens]
+            x_q = [M.embed(s, tensors, hp) for s in tokens]
         x_f = list(x_q)
     bar = tqdm(range(start, hp.n_layer), total=hp.n_layer, initial=start, desc="JLCM layers", unit="layer")
     for bid in bar:

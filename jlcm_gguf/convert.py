@@ -23,7 +23,12 @@ from .model import LINEARS, Hparams
 
 log = logging.getLogger("jlcm-convert")
 
-SUPPORTED_ARCHS = {"LlamaForCausalLM": False, "Qwen2ForCausalLM": True}  # -> rope_neox
+# config.json's architecture -> whether RoPE rotates halves (NeoX) rather than interleaved pairs. The vendored
+# llama.cpp converter writes them as its llama, qwen2 and qwen3 architectures; model.py computes all of them.
+SUPPORTED_ARCHS = {"LlamaForCausalLM": False, "MistralForCausalLM": False, "Qwen2ForCausalLM": True,
+                   "Qwen3ForCausalLM": True, "Gemma3ForCausalLM": True}
+GEMMA3_SWA_PATTERN = 6  # llama.cpp's gemma3: every 6th layer global, the others a sliding window (load_swa_pattern)
+ROPE_SCALINGS = ("linear", "yarn", "llama3")  # what llama.cpp applies for these architectures (model.rope_angles)
 
 
 class ConvertError(SystemExit):
@@ -151,16 +156,86 @@ def check_input(model: Path) -> dict:
     if not archs or archs[0] not in SUPPORTED_ARCHS:
         raise ConvertError(f"unsupported architecture {archs[0] if archs else '(none)'}; "
                            f"supported: {', '.join(SUPPORTED_ARCHS)}")
+    check_function(config)
     return config
+
+
+def rope_parameters(config: dict) -> dict:
+    """config.json's RoPE scaling as the vendored converter reads it (rope_parameters, else rope_scaling; `type` is
+    the older name of `rope_type`)."""
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    params = params.get("full_attention", params)
+    if "rope_type" not in params and "type" in params:
+        params["rope_type"] = params["type"]
+    return params
+
+
+def check_function(config: dict) -> None:
+    """Every detail of config.json that changes what the network computes is either one model.py computes as
+    llama.cpp does, or refused here with one message: the activation, RoPE scaling, a partial rotary dimension.
+    Biases, q/k norms, tied heads and Llama 3's frequency factors arrive as tensors (model.py uses them). A
+    sliding window is not applied by llama.cpp to these architectures (its converter does not write one), so the
+    file computes full attention like llama.cpp's own conversion of the checkpoint: noted, not refused."""
+    arch = config["architectures"][0]
+    if arch == "Gemma3ForCausalLM":
+        act = config.get("hidden_activation", config.get("hidden_act", "gelu_pytorch_tanh"))
+        if act != "gelu_pytorch_tanh":
+            raise ConvertError(f"{arch} with hidden_activation {act!r}: llama.cpp computes gelu_pytorch_tanh")
+        if config.get("attn_logit_softcapping"):
+            raise ConvertError(f"{arch} with attn_logit_softcapping: llama.cpp's gemma3 does not apply it")
+        types = config.get("layer_types")
+        if types and any((t == "sliding_attention") != (i % GEMMA3_SWA_PATTERN < GEMMA3_SWA_PATTERN - 1)
+                         for i, t in enumerate(types)):
+            raise ConvertError(f"{arch} whose layer_types are not every {GEMMA3_SWA_PATTERN}th layer global: "
+                               "llama.cpp's gemma3 assumes that pattern")
+    else:
+        act = config.get("hidden_act", config.get("hidden_activation", "silu"))
+        if act != "silu":
+            raise ConvertError(f"{arch} with hidden_act {act!r}: the converter computes SwiGLU with silu only")
+    rope = rope_parameters(config)
+    kind = str(rope.get("rope_type", "default")).lower()
+    if kind not in ("default", *ROPE_SCALINGS):
+        raise ConvertError(f"{arch} with RoPE scaling {kind!r}: supported are {', '.join(ROPE_SCALINGS)} "
+                           f"(and none)")
+    if kind in ("linear", "yarn") and not rope.get("factor"):
+        raise ConvertError(f"RoPE scaling {kind!r} without a factor in config.json")
+    if kind == "yarn" and not rope.get("original_max_position_embeddings"):
+        raise ConvertError("RoPE scaling 'yarn' without original_max_position_embeddings in config.json")
+    if float(config.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        raise ConvertError(f"{arch} with partial_rotary_factor {config.get('partial_rotary_factor')}: "
+                           "RoPE over part of each head is not supported")
+    window = config.get("sliding_window")
+    if window and arch != "Gemma3ForCausalLM" and config.get("use_sliding_window", arch == "MistralForCausalLM"):
+        log.warning("notice: config.json has a sliding window of %d tokens; llama.cpp runs %s with full attention "
+                    "(as its own converter's files), and so does calibration", window, arch)
 
 
 def hparams_of(config: dict) -> Hparams:
     n_head = config["num_attention_heads"]
+    rope = rope_parameters(config)
+    kind = str(rope.get("rope_type", "default")).lower()
     return Hparams(
         n_layer=config["num_hidden_layers"], n_embd=config["hidden_size"], n_head=n_head,
-        n_head_kv=config.get("num_key_value_heads", n_head), n_ff=config["intermediate_size"],
-        rms_eps=config.get("rms_norm_eps", 1e-6), rope_base=config.get("rope_theta", 10000.0),
-        rope_neox=SUPPORTED_ARCHS[config["architectures"][0]])
+        n_head_kv=config.get("num_key_value_heads") or n_head, n_ff=config["intermediate_size"],
+        rms_eps=config.get("rms_norm_eps", 1e-6), rope_base=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+        rope_neox=SUPPORTED_ARCHS[config["architectures"][0]], head_dim=config.get("head_dim") or 0,
+        rope_scaling=kind if kind in ("linear", "yarn") else "none", rope_factor=float(rope.get("factor") or 1.0),
+        rope_ctx_orig=int(rope.get("original_max_position_embeddings") or 0), **gemma3_hparams(config))
+
+
+def gemma3_hparams(config: dict) -> dict:
+    """Gemma 3 as llama.cpp's gemma3 graph computes it: GELU gate, embeddings times sqrt(n_embd), attention
+    scale 1/sqrt(head_dim) (the 27B's 62 layers: 1/sqrt(n_embd/n_head)), 5 of 6 layers with a sliding window
+    and their own RoPE base, optional final logit soft-capping. (Post-norms and q/k norms are tensors.)"""
+    if config["architectures"][0] != "Gemma3ForCausalLM":
+        return {}
+    n_embd, n_head, n_layer = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
+    window = config.get("sliding_window") or 0
+    return dict(ffn_act="gelu", embd_scale=float(np.sqrt(np.float32(n_embd))),
+                attn_scale=float(1 / np.sqrt(n_embd / n_head)) if n_layer == 62 else 0.0,
+                swa_window=window if config.get("sliding_window_pattern") != 1 else 0,
+                swa_pattern=GEMMA3_SWA_PATTERN, rope_base_swa=float(config.get("rope_local_base_freq", 10000.0)),
+                final_softcap=float(config.get("final_logit_softcapping") or 0.0))
 
 
 def float_tensors(model_instance, half: bool = False) -> tuple[dict, list]:
@@ -276,6 +351,9 @@ def convert(opt: Options) -> dict:
         log.info("reading %s", opt.model)
         tensors, order = float_tensors(instance, half=opt.fast)
     check_shapes(tensors, hp)
+    if opt.rotate and any(n.endswith("post_attention_norm.weight") for n in tensors):
+        raise ConvertError("--rotate cannot be used with this architecture: its normalised block outputs "
+                           "(post-norms) do not commute with a rotation of the residual stream")
     if opt.rotate:
         from .rotate import rotate
         tensors, order = rotate(tensors, order, hp, opt.seed)

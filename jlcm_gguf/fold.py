@@ -5,7 +5,7 @@ Grouping re-orders a matrix's rows. Where the following layer can absorb the ord
   columns take the same order, since SwiGLU acts element-wise on the intermediate neurons;
 - `attn_v` rows are re-ordered within each KV head, and the columns of `attn_output` that read each
   query head take the order of the KV head it attends with (grouped-query attention);
-- a `attn_v.bias` follows its rows.
+- a bias of a folded matrix (`attn_v`, `ffn_gate`, `ffn_up`: Llama's `attention_bias`, `mlp_bias`) follows its rows.
 Everything else (`attn_q`/`attn_k`, whose rows RoPE pairs by position; `attn_output`/`ffn_down`, which
 write the residual stream; `token_embd`/`output`, indexed by token) keeps its order in a stored
 permutation, `W.jlcm_perm`, that the runtime applies as a scatter.
@@ -57,6 +57,9 @@ def fold_layer(tensors: dict, hessians: dict, bid: int, hp: Hparams, n_groups: i
         order, bounds = group_rows(prof, n_groups, seed)
         ro = RowOrder(order, bounds, stored=False)
         t[W("ffn_gate")], t[W("ffn_up")] = t[W("ffn_gate")][order], t[W("ffn_up")][order]
+        for n in ("ffn_gate", "ffn_up"):
+            if p + n + ".bias" in t:
+                t[p + n + ".bias"] = t[p + n + ".bias"][order]
         t[W("ffn_down")] = t[W("ffn_down")][:, order]
         res.columns[W("ffn_down")] = order
         if p + "ffn_down" in hs:

@@ -3,7 +3,10 @@
 It is what calibration runs (input second moments for the Hessian diagonal, block inputs and outputs
 for learning) and what checks that folding row permutations leaves the network's function unchanged.
 Tensors are numpy or torch arrays in GGUF naming and layout (q/k rows as the vendored converter writes
-them: interleaved RoPE pairs for `llama`, rotate-half for `qwen2`)."""
+them: interleaved RoPE pairs for `llama`, rotate-half for `qwen2`/`qwen3`). What differs between the supported
+architectures is data here: biases (`*.bias`), per-head q/k norms (`attn_q_norm`, `attn_k_norm`: qwen3), RoPE
+frequency factors (`rope_freqs`: Llama 3's rope scaling) are used where the tensors exist; RoPE's layout, head
+size and scaling (linear, YaRN) are in Hparams."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,11 +26,24 @@ class Hparams:
     n_ff: int
     rms_eps: float
     rope_base: float
-    rope_neox: bool = False  # qwen2 rotates halves, llama interleaved pairs
+    rope_neox: bool = False  # qwen2/qwen3 rotate halves, llama interleaved pairs
+    head_dim: int = 0        # 0: n_embd // n_head (config.json's head_dim where it differs: qwen3)
+    rope_scaling: str = "none"   # "linear" or "yarn" as llama.cpp applies them (llama3's factors are rope_freqs)
+    rope_factor: float = 1.0     # the scaling's factor (positions are divided by it)
+    rope_ctx_orig: int = 0       # yarn: the original context length
+    ffn_act: str = "silu"        # the gate's activation: "silu", or "gelu" (tanh approximation: gemma3)
+    embd_scale: float = 1.0      # the embeddings are multiplied by this (gemma3: sqrt(n_embd))
+    attn_scale: float = 0.0      # 0: 1 / sqrt(head_dim)
+    swa_window: int = 0          # gemma3: a sliding window of this many tokens in layers where is_swa
+    swa_pattern: int = 0         # ... every swa_pattern-th layer attends globally (llama.cpp's set_swa_pattern)
+    rope_base_swa: float = 10000.0  # ... with their own RoPE base and no scaling
+    final_softcap: float = 0.0   # logits -> c tanh(logits / c)
 
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+
+    def is_swa(self, bid: int) -> bool:
+        return bool(self.swa_window and self.swa_pattern) and bid % self.swa_pattern < self.swa_pattern - 1
 
 
 def t(x) -> torch.Tensor:
@@ -40,12 +56,38 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def rope(x: torch.Tensor, hp: Hparams) -> torch.Tensor:
+def rope_angles(seq: int, hp: Hparams, freq_factors=None, swa: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [seq, head_dim / 2] as ggml's rope computes them (ggml_rope_cache_init, rope_yarn) with the
+    parameters llama.cpp gives it: freq_scale = 1 / factor for linear and YaRN scaling; YaRN's ramp between
+    interpolated and extrapolated angles (ext_factor 1, beta_fast 32, beta_slow 1: llama.cpp's defaults, the
+    converter's values are not read) and its magnitude 1 + 0.1 ln(factor); frequency factors divide the angle.
+    Sliding-window layers (swa) use their own base and no scaling."""
+    hd = hp.head_dim
+    i = torch.arange(0, hd // 2, dtype=torch.float64)
+    theta = (hp.rope_base_swa if swa else hp.rope_base) ** (-2 * i / hd)
+    if freq_factors is not None:
+        theta = theta / t(freq_factors).double()
+    extrap = torch.arange(seq, dtype=torch.float64)[:, None] * theta[None, :]
+    angle, mscale = extrap, 1.0
+    if swa:
+        return angle.cos(), angle.sin()
+    if hp.rope_scaling in ("linear", "yarn"):
+        angle = extrap / hp.rope_factor
+    if hp.rope_scaling == "yarn":
+        def corr_dim(n_rot):
+            return hd * np.log(hp.rope_ctx_orig / (n_rot * 2 * np.pi)) / (2 * np.log(hp.rope_base))
+        low, high = max(0.0, np.floor(corr_dim(32.0))), min(hd - 1.0, np.ceil(corr_dim(1.0)))
+        ramp = 1 - ((i - low) / max(0.001, high - low)).clamp(0, 1)
+        angle = angle * (1 - ramp) + extrap * ramp
+        mscale = 1.0 + 0.1 * np.log(hp.rope_factor) if hp.rope_factor > 1 else 1.0
+    return angle.cos() * mscale, angle.sin() * mscale
+
+
+def rope(x: torch.Tensor, hp: Hparams, freq_factors=None, swa: bool = False) -> torch.Tensor:
     """x: [..., seq, heads, head_dim]."""
     seq, hd = x.shape[-3], x.shape[-1]
-    inv = hp.rope_base ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-    ang = torch.arange(seq, dtype=torch.float64)[:, None] * inv[None, :]
-    cos, sin = ang.cos().to(x.dtype)[:, None, :], ang.sin().to(x.dtype)[:, None, :]
+    cos, sin = rope_angles(seq, hp, freq_factors, swa)
+    cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]
     if hp.rope_neox:
         x0, x1 = x[..., : hd // 2], x[..., hd // 2:]
         return torch.cat([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
@@ -101,6 +143,14 @@ class InputHessians(InputMoments):
         return {k: done[id(v)] for k, v in self.full.items()}
 
 
+SHARED = ("rope_freqs.weight",)  # tensors outside blk.N that every block reads
+
+
+def block_tensors(tensors: dict, bid: int) -> dict:
+    """The tensors block_forward reads for block bid: its own and the shared ones."""
+    return {k: v for k, v in tensors.items() if k.startswith(f"blk.{bid}.") or k in SHARED}
+
+
 def block_forward(x: torch.Tensor, tensors: dict, bid: int, hp: Hparams, observe=None) -> torch.Tensor:
     """One transformer block on x [..., seq, n_embd] (leading dimensions: independent windows).
     observe(name, input) sees each linear's input."""
@@ -110,22 +160,43 @@ def block_forward(x: torch.Tensor, tensors: dict, bid: int, hp: Hparams, observe
     for n in ("attn_q", "attn_k", "attn_v"):
         obs(p + n, h)
     lead, hd = x.shape[:-1], hp.head_dim
-    q = rope(linear(h, tensors, p + "attn_q").view(*lead, hp.n_head, hd), hp)
-    k = rope(linear(h, tensors, p + "attn_k").view(*lead, hp.n_head_kv, hd), hp)
+    q = linear(h, tensors, p + "attn_q").view(*lead, hp.n_head, hd)
+    k = linear(h, tensors, p + "attn_k").view(*lead, hp.n_head_kv, hd)
+    if p + "attn_q_norm.weight" in tensors:  # qwen3: RMSNorm of each head before RoPE
+        q = rms_norm(q, t(tensors[p + "attn_q_norm.weight"]), hp.rms_eps)
+        k = rms_norm(k, t(tensors[p + "attn_k_norm.weight"]), hp.rms_eps)
+    freqs, swa = tensors.get(SHARED[0]), hp.is_swa(bid)
+    q, k = rope(q, hp, freqs, swa), rope(k, hp, freqs, swa)
     v = linear(h, tensors, p + "attn_v").view(*lead, hp.n_head_kv, hd)
     rep = hp.n_head // hp.n_head_kv
     k, v = k.repeat_interleave(rep, dim=-2), v.repeat_interleave(rep, dim=-2)
+    seq = x.shape[-2]
+    mask = None
+    if swa:  # causal, and a key at most swa_window - 1 positions back (llama.cpp's LLAMA_SWA_TYPE_STANDARD)
+        pos = torch.arange(seq)
+        back = pos[:, None] - pos[None, :]
+        mask = (back >= 0) & (back < hp.swa_window)
     o = torch.nn.functional.scaled_dot_product_attention(q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2),
-                                                         is_causal=True)
+                                                         attn_mask=mask, is_causal=mask is None,
+                                                         scale=hp.attn_scale or None)
     o = o.transpose(-3, -2).reshape(*lead, hp.n_head * hd)
     obs(p + "attn_output", o)
-    x = x + linear(o, tensors, p + "attn_output")
+    y = linear(o, tensors, p + "attn_output")
+    if p + "post_attention_norm.weight" in tensors:  # gemma3: the block's outputs are normalised
+        y = rms_norm(y, t(tensors[p + "post_attention_norm.weight"]), hp.rms_eps)
+    x = x + y
     h = rms_norm(x, t(tensors[p + "ffn_norm.weight"]), hp.rms_eps)
     obs(p + "ffn_gate", h)
     obs(p + "ffn_up", h)
-    a = torch.nn.functional.silu(linear(h, tensors, p + "ffn_gate")) * linear(h, tensors, p + "ffn_up")
+    gate = linear(h, tensors, p + "ffn_gate")
+    gate = torch.nn.functional.silu(gate) if hp.ffn_act == "silu" else \
+        torch.nn.functional.gelu(gate, approximate="tanh")
+    a = gate * linear(h, tensors, p + "ffn_up")
     obs(p + "ffn_down", a)
-    return x + linear(a, tensors, p + "ffn_down")
+    y = linear(a, tensors, p + "ffn_down")
+    if p + "post_ffw_norm.weight" in tensors:
+        y = rms_norm(y, t(tensors[p + "post_ffw_norm.weight"]), hp.rms_eps)
+    return x + y
 
 
 def blocks_forward(xs: list, tensors: dict, bid: int, hp: Hparams, observe=None, batch: int = 8) -> list:
@@ -136,18 +207,20 @@ def blocks_forward(xs: list, tensors: dict, bid: int, hp: Hparams, observe=None,
     return out
 
 
-def embed(tokens, tensors: dict) -> torch.Tensor:
-    return t(tensors["token_embd.weight"])[torch.as_tensor(tokens, dtype=torch.long)]
+def embed(tokens, tensors: dict, hp: Hparams) -> torch.Tensor:
+    x = t(tensors["token_embd.weight"])[torch.as_tensor(tokens, dtype=torch.long)]
+    return x if hp.embd_scale == 1.0 else x * hp.embd_scale
 
 
 def head(x: torch.Tensor, tensors: dict, hp: Hparams) -> torch.Tensor:
     out = tensors.get("output.weight", tensors["token_embd.weight"])
-    return rms_norm(x, t(tensors["output_norm.weight"]), hp.rms_eps) @ t(out).T
+    y = rms_norm(x, t(tensors["output_norm.weight"]), hp.rms_eps) @ t(out).T
+    return y if not hp.final_softcap else hp.final_softcap * torch.tanh(y / hp.final_softcap)
 
 
 @torch.inference_mode()
 def logits(tokens, tensors: dict, hp: Hparams) -> torch.Tensor:
-    x = embed(tokens, tensors)
+    x = embed(tokens, tensors, hp)
     for bid in range(hp.n_layer):
         x = block_forward(x, tensors, bid, hp)
     return head(x, tensors, hp)

@@ -84,7 +84,7 @@ class BlockHessians:
         if len(tokens) < 2:
             raise ValueError("GPTQ scoring needs at least two calibration windows")
         self.tensors, self.hp = tensors, hp
-        self.x = [M.embed(seq, tensors) for seq in tokens]
+        self.x = [M.embed(seq, tensors, hp) for seq in tokens]
         self.counts = [sum(len(seq) for seq in tokens[half::2]) for half in (0, 1)]
         self.bid, self.full = -1, ({}, {})
 
@@ -143,7 +143,7 @@ def fisher_marginals(tensors: dict, hp, tokens: np.ndarray, names, seed: int,
     for seq in tqdm(tokens[:windows], desc="Fisher information", unit="window"):
         seq = torch.as_tensor(np.asarray(seq), dtype=torch.long)
         with torch.no_grad():
-            xs = [M.embed(seq, tensors)]
+            xs = [M.embed(seq, tensors, hp)]
             for bid in range(hp.n_layer):
                 xs.append(M.block_forward(xs[-1], tensors, bid, hp))
         x = xs[-1].clone().requires_grad_()
@@ -223,7 +223,7 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
     kl_tokens = tokens[:kl_windows]
     with torch.inference_mode():
         for s, seq in enumerate(tokens):
-            x = M.embed(seq, tensors)
+            x = M.embed(seq, tensors, hp)
             keep = not fast and s < len(kl_tokens)
             xs = [x] if keep else None
             for bid in range(hp.n_layer):
@@ -251,7 +251,7 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
                     bid = int(name.split(".")[1])
                     x = xs[bid]
                 elif name == "token_embd.weight":
-                    bid, x = 0, M.embed(seq, t)
+                    bid, x = 0, M.embed(seq, t, hp)
                 else:
                     bid, x = hp.n_layer, xs[-1]
                 for b in range(bid, hp.n_layer):

@@ -116,7 +116,7 @@ def kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor
 
 
 def forward(tokens: torch.Tensor, t: dict, hp) -> torch.Tensor:
-    x = M.embed(tokens, t)
+    x = M.embed(tokens, t, hp)
     for bid in range(hp.n_layer):
         x = M.block_forward(x, t, bid, hp)
     return M.head(x, t, hp)

@@ -117,7 +117,8 @@ def test_plan_json_roundtrip_and_bad_plans(tmp_path):
 
 # --- through the converter, on SmolLM2 ---------------------------------------------------------------------
 
-SMALL = ["--groups", "8", "--nsamples", "4", "--seqlen", "128"]
+# plans and budgets, not learning (tested in test_learn, test_robustness, test_convert): no layer-wise rounds
+SMALL = ["--groups", "8", "--nsamples", "4", "--seqlen", "128", "--layer-rounds", "0"]
 
 
 TARGET = 45_000_000  # between SmolLM2 at JLCM 2-bit everywhere (~40.7 MB) and JLCM 4-bit (~74 MB)

@@ -88,12 +88,6 @@ def standard_type(name: str, arr: np.ndarray, embd_type: str, planned: str | Non
     return GGMLQuantizationType.Q8_0 if arr.shape[-1] % 32 == 0 else GGMLQuantizationType.F16
 
 
-def embedding_type(opt, name: str) -> str:
-    """The type asked for token_embd or output (--token-embedding-type / --output-tensor-type, else --embd-type)."""
-    own = getattr(opt, "token_embd_type" if name == "token_embd.weight" else "output_type", None)
-    return own or opt.embd_type
-
-
 def verify_written(path, order: list[str], jlcm: dict) -> None:
     """Re-reads the file before the rename, so a truncated or inconsistent one never takes the output's
     name: every tensor there, the data section ending at the file's end, the JLCM payloads as packed."""
@@ -166,6 +160,7 @@ def _add_tensors(writer, order: list[str], tensors: dict, jlcm: dict, opt, kinds
                 log.info("%-32s %-9s JLCM%d, %d groups%s", name, "x".join(map(str, arr.shape[::-1])), spec["bits"],
                          len(spec["bounds"]), ", stored permutation" if spec["perm"] is not None else "")
         else:
+            from .convert import embedding_type  # (convert imports this module)
             qt = standard_type(name, arr, embedding_type(opt, name), (kinds or {}).get(name))
             if qt == GGMLQuantizationType.F32:
                 data = np.asarray(arr, dtype=np.float32)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import make_synthetic_llama  # noqa: E402
 from bench import _once as once, _run as run  # noqa: E402
-from jlcm_gguf.calib import default_calibration_text  # noqa: E402
+from jlcm_gguf.calib import DEFAULT_CALIBRATION, default_calibration_text  # noqa: E402
 from jlcm_gguf.convert import llama_cpp_dir  # noqa: E402
 from jlcm_gguf.evaluate import tool  # noqa: E402
 from jlcm_gguf.plan import parse_size  # noqa: E402
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         if res.returncode:
             raise SystemExit(f"error: jlcm-convert failed ({a.out / 'convert.log'}):\n{res.stdout[-3000:]}")
         timing.write_text(json.dumps({"seconds": round(time.time() - tc, 1), "peak_rss": peak}) + "\n")
-    reused = [f for f in ("jlcm.gguf", "iq2_xxs.gguf") if (a.out / f).exists()]
+    reused = [f for f in ("jlcm.gguf", f"iq2_xxs-imatrix-{DEFAULT_CALIBRATION}.gguf") if (a.out / f).exists()]
     jlcm = once(a.out / "jlcm.gguf", convert)
     conv = json.loads(timing.read_text()) if timing.exists() else {}
     convert_s, convert_rss = conv.get("seconds", float("nan")), conv.get("peak_rss", 0)
@@ -113,10 +113,10 @@ def main(argv=None) -> int:
     step("F16 GGUF, imatrix, IQ2_XXS with llama.cpp's own tools")
     f16 = once(a.out / "f16.gguf", lambda t: run([sys.executable, llama_cpp_dir() / "convert_hf_to_gguf.py", hf,
                                                   "--outtype", "f16", "--outfile", t]))
-    imatrix = once(a.out / "imatrix.gguf", lambda t: run(
+    imatrix = once(a.out / f"imatrix-{DEFAULT_CALIBRATION}.gguf", lambda t: run(
         [tool("llama-imatrix"), "-m", f16, "-f", default_calibration_text(), "--chunks", a.imatrix_chunks,
          "-c", 512, "-t", a.threads, "-o", t]))
-    iq2 = once(a.out / "iq2_xxs.gguf", lambda t: run([tool("llama-quantize"), "--imatrix", imatrix, f16, t,
+    iq2 = once(a.out / f"iq2_xxs-imatrix-{DEFAULT_CALIBRATION}.gguf", lambda t: run([tool("llama-quantize"), "--imatrix", imatrix, f16, t,
                                                        "IQ2_XXS", a.threads]))
 
     step(f"llama-completion at ctx {a.ctx}: load, generate, peak resident memory (KV cache {', '.join(a.cache_types)})")

@@ -54,19 +54,21 @@ def assign_gptq(w: np.ndarray, bits: int, cb: np.ndarray, bounds: np.ndarray | N
     d = np.empty((rows, cols // QK), dtype=np.float16)
     step = max(QK, batch // QK * QK)                             # batches hold whole blocks
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the loop is thousands of small ops: threads only add overhead
     try:
-        _round_columns(W, Hinv, c, mid, pos, d, hdiag, bits, cb, bounds, step)
+        _round_columns(W, Hinv, c, mid, pos, d, hdiag, bits, cb, bounds, step, threads)
     finally:
         torch.set_num_threads(threads)
     idx = to_index.gather(1, pos).to(torch.uint8).numpy()
     return idx, d
 
 
-def _round_columns(W, Hinv, c, mid, pos, d, hdiag, bits, cb, bounds, step) -> None:
+def _round_columns(W, Hinv, c, mid, pos, d, hdiag, bits, cb, bounds, step, threads: int) -> None:
+    """Columns in batches of `step`: inside a batch thousands of small ops, on one thread (more only add
+    overhead); the batch's error then updates the remaining columns in one matrix product, on all threads."""
     rows, cols = W.shape
     for i1 in range(0, cols, step):
         i2 = min(i1 + step, cols)
+        torch.set_num_threads(1)
         W1, E1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1)
         for j in range(i2 - i1):
             col = i1 + j
@@ -83,4 +85,5 @@ def _round_columns(W, Hinv, c, mid, pos, d, hdiag, bits, cb, bounds, step) -> No
             e = (x - q) / Hinv[col, col]
             W1[:, j:] -= e[:, None] * Hinv[col, col:i2][None, :]
             E1[:, j] = e
+        torch.set_num_threads(threads)
         W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]

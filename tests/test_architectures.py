@@ -1,7 +1,7 @@
 """The architectures jlcm-convert accepts (issue #30), each as a tiny random Hugging Face checkpoint (2 blocks,
 128 wide, SmolLM2's real tokenizer) with the float details that change its function: Llama 3's rope frequency
 factors, linear and YaRN RoPE scaling, attention and MLP biases, Mistral, Qwen2 with q/k/v biases, Qwen3's q/k
-norms and a head size that is not n_embd / n_head, Gemma 3 (GELU, sliding-window layers with their own RoPE base,
+norms and a head size that is not n_embd / n_head, a sentencepiece tokenizer (tokenizer.model only), Gemma 3 (GELU, sliding-window layers with their own RoPE base,
 post-norms, scaled embeddings, soft-capped logits).
 
 For each: llama.cpp's own converter writes the checkpoint as F32, and the patched build computes its logits;
@@ -22,6 +22,7 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 TEXT = "In the beginning God created the heaven and the earth. 12 + 30 = 42, said the code. The capital of France is"
 N_EMBD, N_FF, N_HEAD, N_HEAD_KV, N_LAYER = 128, 256, 4, 2, 2
+SPM_VOCAB = 2000
 
 # name -> config.json fields beyond the common ones, and what the float forward must honour
 CASES = {
@@ -31,6 +32,9 @@ CASES = {
     "llama-biases-linear-rope": dict(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=True,
                                      mlp_bias=True, rope_scaling=dict(rope_type="linear", factor=4.0)),
     "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=4096),
+    # a sentencepiece tokenizer.model and no tokenizer.json, as Llama 2 and Mistral checkpoints may ship
+    "llama-sentencepiece": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=SPM_VOCAB,
+                                bos_token_id=1, eos_token_id=2),
     "qwen2-yarn": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_theta=1e6, rope_scaling=dict(
         type="yarn", factor=4.0, original_max_position_embeddings=32)),
     "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=64, tie_word_embeddings=True),
@@ -53,6 +57,7 @@ def without_details(case: str, tensors: dict, hp) -> dict:
                                      "mlp biases": (drop(lambda k: k.endswith(("ffn_gate.bias", "ffn_up.bias"))), hp),
                                      "linear rope": (tensors, none)},
         "mistral": {},
+        "llama-sentencepiece": {},
         "qwen2-yarn": {"yarn": (tensors, none), "yarn as linear": (tensors, dataclasses.replace(hp, rope_scaling="linear"))},
         "qwen3": {"q/k norms": (drop(lambda k: "_q_norm" in k or "_k_norm" in k), hp)},
         "gemma3": {"sliding window": (tensors, dataclasses.replace(hp, swa_window=0)),
@@ -104,10 +109,32 @@ def make_checkpoint(dst: Path, tokenizer_dir: Path, case: str, seed: int) -> Pat
     cfg_json = cfg.to_dict()
     cfg_json["architectures"] = fields["architectures"]
     (dst / "config.json").write_text(json.dumps(cfg_json))
-    for f in tokenizer_dir.iterdir():
-        if f.name.startswith("tokenizer"):
-            (dst / f.name).symlink_to(f)
+    if cfg.vocab_size == SPM_VOCAB:
+        sentencepiece_tokenizer(dst)
+    else:
+        for f in tokenizer_dir.iterdir():
+            if f.name.startswith("tokenizer"):
+                (dst / f.name).symlink_to(f)
     return dst
+
+
+def sentencepiece_tokenizer(dst: Path) -> None:
+    """A SentencePiece BPE model of SPM_VOCAB pieces (Llama's special ids: unk 0, bos 1, eos 2; byte fallback)
+    trained on 2 MB of the calibration text, written as tokenizer.model with a Llama tokenizer_config.json."""
+    import sentencepiece as spm
+
+    from jlcm_gguf.calib import resolve_calibration
+    text = dst / "train.txt"
+    with open(resolve_calibration(None), "rb") as f:
+        text.write_bytes(f.read(2_000_000))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(dst / "tokenizer"), vocab_size=SPM_VOCAB,
+                                   model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   character_coverage=1.0, num_threads=1, minloglevel=2)
+    text.unlink()
+    (dst / "tokenizer.vocab").unlink()
+    (dst / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
+        "eos_token": "</s>", "unk_token": "<unk>", "legacy": False}))
 
 
 def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:

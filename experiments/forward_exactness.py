@@ -24,6 +24,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     import test_architectures as TA
+    from conftest import llama_cpp_logits, llama_cpp_tokens
     from jlcm_gguf import model as M
     from jlcm_gguf.convert import check_input, float_tensors, hparams_of, import_conversion, llama_cpp_dir
     from jlcm_gguf.reference_models import smollm2_hf_dir
@@ -35,10 +36,8 @@ def main() -> int:
         f32 = tmp / case / "f32.gguf"
         subprocess.run([sys.executable, str(llama_cpp_dir() / "convert_hf_to_gguf.py"), str(hf), "--outtype", "f32",
                         "--outfile", str(f32)], capture_output=True, check=True)
-        llm = TA.llama_cpp.Llama(model_path=str(f32), n_ctx=128, vocab_only=True, verbose=False)
-        tokens = llm.tokenize(TA.TEXT.encode(), add_bos=False)
-        llm.close()
-        ref = TA.llama_cpp_logits(f32, tokens)
+        tokens = llama_cpp_tokens(f32, TA.TEXT)
+        ref = llama_cpp_logits(f32, tokens)
         hf_model = AutoModelForCausalLM.from_pretrained(str(hf), torch_dtype=torch.float32,
                                                         attn_implementation="eager").eval()
         config = check_input(hf)

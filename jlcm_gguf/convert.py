@@ -160,22 +160,20 @@ def check_input(model: Path) -> dict:
     return config
 
 
-def rope_parameters(config: dict) -> dict:
+def rope_parameters(config: dict) -> tuple[dict, str]:
     """config.json's RoPE scaling as the vendored converter reads it (rope_parameters, else rope_scaling; `type` is
-    the older name of `rope_type`)."""
+    the older name of `rope_type`), and its kind in lower case ("default" when there is none)."""
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     params = params.get("full_attention", params)
-    if "rope_type" not in params and "type" in params:
-        params["rope_type"] = params["type"]
-    return params
+    return params, str(params.get("rope_type", params.get("type", "default"))).lower()
 
 
 def check_function(config: dict) -> None:
     """Every detail of config.json that changes what the network computes is either one model.py computes as
     llama.cpp does, or refused here with one message: the activation, RoPE scaling, a partial rotary dimension.
-    Biases, q/k norms, tied heads and Llama 3's frequency factors arrive as tensors (model.py uses them). A
-    sliding window is not applied by llama.cpp to these architectures (its converter does not write one), so the
-    file computes full attention like llama.cpp's own conversion of the checkpoint: noted, not refused."""
+    Biases, q/k norms, tied heads and Llama 3's frequency factors arrive as tensors (model.py uses them). Gemma 3's
+    sliding window is computed (gemma3_hparams); llama.cpp applies none to the other architectures (its converter
+    does not write one), so their files compute full attention like llama.cpp's own conversion: noted, not refused."""
     arch = config["architectures"][0]
     if arch == "Gemma3ForCausalLM":
         act = config.get("hidden_activation", config.get("hidden_act", "gelu_pytorch_tanh"))
@@ -192,8 +190,7 @@ def check_function(config: dict) -> None:
         act = config.get("hidden_act", config.get("hidden_activation", "silu"))
         if act != "silu":
             raise ConvertError(f"{arch} with hidden_act {act!r}: the converter computes SwiGLU with silu only")
-    rope = rope_parameters(config)
-    kind = str(rope.get("rope_type", "default")).lower()
+    rope, kind = rope_parameters(config)
     if kind not in ("default", *ROPE_SCALINGS):
         raise ConvertError(f"{arch} with RoPE scaling {kind!r}: supported are {', '.join(ROPE_SCALINGS)} "
                            f"(and none)")
@@ -212,8 +209,7 @@ def check_function(config: dict) -> None:
 
 def hparams_of(config: dict) -> Hparams:
     n_head = config["num_attention_heads"]
-    rope = rope_parameters(config)
-    kind = str(rope.get("rope_type", "default")).lower()
+    rope, kind = rope_parameters(config)
     return Hparams(
         n_layer=config["num_hidden_layers"], n_embd=config["hidden_size"], n_head=n_head,
         n_head_kv=config.get("num_key_value_heads") or n_head, n_ff=config["intermediate_size"],

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,3 +63,24 @@ def smollm2_float(smollm2):
     inst = cls(smollm2, gguf.LlamaFileType.ALL_F32, Path("/dev/null"), eager=True)
     tensors, order = float_tensors(inst)
     return tensors, order, hparams_of(config)
+
+
+def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
+    """Every position's logits of `path` on `tokens`, from llama-cpp-python on the patched build (float64)."""
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2, seed=0)
+    try:
+        llm.eval(tokens)
+        return np.array(llm.scores[:len(tokens)], dtype=np.float64)
+    finally:
+        llm.close()
+
+
+def llama_cpp_tokens(path: Path, text: str) -> list[int]:
+    """`text` tokenized by the vocabulary in `path` (no BOS)."""
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, vocab_only=True, verbose=False)
+    try:
+        return llm.tokenize(text.encode(), add_bos=False)
+    finally:
+        llm.close()

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-llama_cpp = pytest.importorskip("llama_cpp")
+from conftest import llama_cpp_logits, llama_cpp_tokens
+
+pytest.importorskip("llama_cpp")
 TEXT = "In the beginning God created the heaven and the earth. 12 + 30 = 42, said the code. The capital of France is"
 N_EMBD, N_FF, N_HEAD, N_HEAD_KV, N_LAYER = 128, 256, 4, 2, 2
 SPM_VOCAB = 2000
@@ -137,15 +139,6 @@ def sentencepiece_tokenizer(dst: Path) -> None:
         "eos_token": "</s>", "unk_token": "<unk>", "legacy": False}))
 
 
-def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2, seed=0)
-    try:
-        llm.eval(tokens)
-        return np.array(llm.scores[:len(tokens)], dtype=np.float64)
-    finally:
-        llm.close()
-
-
 @pytest.fixture(scope="module", params=list(CASES))
 def checkpoint(request, smollm2, tmp_path_factory):
     """(case, Hugging Face folder, llama.cpp's F32 conversion of it, the text's tokens, llama.cpp's F32 logits)."""
@@ -157,11 +150,7 @@ def checkpoint(request, smollm2, tmp_path_factory):
     res = subprocess.run([sys.executable, str(llama_cpp_dir() / "convert_hf_to_gguf.py"), str(hf), "--outtype", "f32",
                           "--outfile", str(f32)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    llm = llama_cpp.Llama(model_path=str(f32), n_ctx=128, vocab_only=True, verbose=False)
-    try:
-        tokens = llm.tokenize(TEXT.encode(), add_bos=False)
-    finally:
-        llm.close()
+    tokens = llama_cpp_tokens(f32, TEXT)
     assert len(tokens) >= 24  # past the YaRN and llama3 cases' original context, where their scaling shows
     return case, hf, f32, tokens, llama_cpp_logits(f32, tokens)
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFWriter, LlamaFileType
 
-from conftest import CONVERTER, run
+from conftest import CONVERTER, llama_cpp_logits, llama_cpp_tokens, run
 from tiny_llama import N_EMBD, N_FF, N_HEAD, N_HEAD_KV, N_LAYER, copy_tokenizer, random_weights
 
-llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("llama_cpp")
 TOKENS = "In the beginning God created the heaven and the earth. 12 + 30 = 42, said the code."
 
 
@@ -63,21 +63,8 @@ def tiny_qwen2(tmp_path_factory) -> tuple[Path, Path]:
     return path, hf
 
 
-def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2, seed=0)
-    try:
-        llm.eval(tokens)
-        return np.array(llm.scores[:len(tokens)], dtype=np.float64)
-    finally:
-        llm.close()
-
-
 def tokens_of(path: Path) -> list[int]:
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, vocab_only=True, verbose=False)
-    try:
-        return llm.tokenize(TOKENS.encode(), add_bos=False)
-    finally:
-        llm.close()
+    return llama_cpp_tokens(path, TOKENS)
 
 
 def test_hf_folder_is_qwen2_with_biases(tiny_qwen2):

@@ -94,3 +94,26 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
     Hd += 0.1 * np.mean(np.diag(Hd)) * np.eye(40)
     assert np.allclose(np.triu(U), U) and np.all(np.diag(U) > 0)
     np.testing.assert_allclose(U.T @ U, np.linalg.inv(Hd), rtol=1e-9, atol=1e-12)
+
+
+def test_gptq_result_does_not_depend_on_torch_threads():
+    """The per-batch update of the remaining columns runs on all torch threads, the per-column loop on one: the
+    indices and scales are the same whatever the thread count, and the caller's thread count is restored."""
+    rng = np.random.default_rng(3)
+    rows, cols = 512, 1024
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    x = rng.standard_normal((2048, cols)).astype(np.float32)
+    H = (x.T @ x / len(x)).astype(np.float64)
+    cb = np.tile(np.array([-127, -40, 40, 127], dtype=np.int8), (4, 1))
+    bounds = np.array([128, 256, 384, 512], dtype=np.int32)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(assign_gptq(w, 2, cb, bounds, H))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    (i1, d1), (i2, d2) = results
+    assert np.array_equal(i1, i2) and np.array_equal(d1, d2)

@@ -196,6 +196,7 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
 
     from . import model as M
     from .fold import fold_layer
+    from .source import release_all
 
     jlcm: dict = {}
     standard: dict = {}  # raw bytes of the layer matrices the plan stores in llama.cpp types
@@ -218,6 +219,8 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         res = fold_layer(tensors, hessians, bid, hp, opt.groups, opt.seed + bid, quantized)
         # what a resumed run needs besides the packed weights: unquantized tensors the folds changed
         folded = {k: v for k, v in res.tensors.items() if v is not tensors.get(k) and k not in res.orders}
+        unfolded = {n: tensors[n] for n in res.orders}
+        release_all(tensors, res.orders)  # the folded copies replace them
         tensors.update(res.tensors)
         hessians.update(res.hessians)
         specs, layer_learned = round_matrices(res.orders, res.columns, tensors, hessians, full, opt)
@@ -246,9 +249,22 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         with torch.inference_mode():
             x_q = M.blocks_forward(x_q, qt, bid, hp)
         x_f = y_f if y_f is not None else x_q
+        del qt, logical, specs
+        stream_folded(tensors, unfolded, res)
+        del res, unfolded  # the block's float copies: memory holds one block's
         if ckpt is not None:
             ckpt.save(bid, packed, folded, x_q, y_f, block_standard, learned)
     return (jlcm, standard, hessians) + head_statistics(x_q, tensors, hessians, hp, quantized, opt)
+
+
+def stream_folded(tensors: dict, unfolded: dict, res) -> None:
+    """A finished block's folded matrices are packed: where they were streamed from the checkpoint, the float
+    copies in memory are replaced by source.LazyArray.take (the same values, re-read if a later step, end-to-end
+    tuning, asks for them), so that memory holds one block's float weights, not the model's."""
+    from .source import LazyArray
+    for n, ro in res.orders.items():
+        if isinstance(unfolded[n], LazyArray):
+            tensors[n] = unfolded[n].take(ro.order, res.columns.get(n))
 
 
 def head_statistics(x_q: list, tensors: dict, hessians: dict, hp: Hparams, quantized: set[str], opt) -> tuple:
@@ -283,8 +299,9 @@ def quantize_embeddings(tensors: dict, hessians: dict, head_H, quantized: set[st
     for name in ("token_embd.weight", "output.weight"):
         if name in quantized:
             embd_bits = int(opt.kinds[name][4:])
-            ro = fold_global(tensors, hessians, name, opt.groups, opt.seed)
-            w = tensors[name][ro.order]
+            w = np.asarray(tensors[name])  # decoded once (a streamed embedding may not fit the cache)
+            ro = fold_global({name: w}, hessians, name, opt.groups, opt.seed)
+            w = w[ro.order]
             h = hessians.get("output")
             cb = init_codebooks(w, h, ro.bounds, embd_bits, opt.variant, opt.seed, **fast_init(opt))
             if name == "output.weight" and head_H is not None:

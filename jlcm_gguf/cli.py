@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted conversion from its last finished block (OUTFILE.jlcm-resume/)")
     run.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    run.add_argument("--cache-mb", type=int, default=1024,
+                     help="megabytes of decoded float weights kept in memory (default 1024); the converter reads the "
+                          "checkpoint one block at a time and re-reads what does not fit: less memory, more reading")
     run.add_argument("--report", type=Path, help="write per-block learning figures (loss before/after, fraction of "
                      "indices changed) and totals to this JSON file")
     run.add_argument("--verbose", action="store_true")
@@ -179,6 +182,8 @@ def parse_args(argv=None) -> Options:
                  + ("--target-size/--target-bpw" if budget else "--plan")
                  + " lets the plan choose the types: " + ("use --outtype auto" if budget else "leave --outtype out")
                  + " (and --tensor-type to fix some)")
+    if a.cache_mb < 0:
+        ap.error(f"--cache-mb {a.cache_mb}: give 0 or more megabytes")
     bits = outtype_bits or a.bits or 2
     outfile = a.outfile or a.model / f"{a.model.name}-jlcm{'-auto' if a.outtype == 'auto' else bits}.gguf"
     return Options(model=a.model, outfile=outfile, bits=bits, groups=a.groups, variant=a.variant,
@@ -187,7 +192,8 @@ def parse_args(argv=None) -> Options:
                    resume=a.resume, target_bytes=target_bytes, target_bpw=a.target_bpw or 0.0, plan=a.plan,
                    save_plan=a.save_plan, plan_error=a.plan_error, fast=a.fast, kquants=a.kquants, rotate=a.rotate,
                    token_embd_type=a.token_embedding_type, output_type=a.output_tensor_type,
-                   tensor_types=tuple(a.tensor_type or ()), dry_run=a.dry_run)
+                   tensor_types=tuple(a.tensor_type or ()), dry_run=a.dry_run,
+                   cache_bytes=a.cache_mb << 20)
 
 
 def print_dry_run(s: dict) -> None:

@@ -98,6 +98,7 @@ class Options:
     tensor_types: tuple = ()   # --tensor-type: (regex, type) pairs; a weight matrix whose GGUF name a regex
                                # matches (re.search, the first such pair) takes that type (tensor_overrides)
     dry_run: bool = False      # --dry-run: resolve every type (plan included), predict the file's bytes, write nothing
+    cache_bytes: int = 1 << 30  # --cache-mb: decoded float weights kept in memory (source.py); the rest is re-read
 
 
 EMBEDDINGS = ("token_embd.weight", "output.weight")
@@ -234,20 +235,27 @@ def gemma3_hparams(config: dict) -> dict:
                 final_softcap=float(config.get("final_logit_softcapping") or 0.0))
 
 
-def float_tensors(model_instance, half: bool = False) -> tuple[dict, list]:
+def float_tensors(model_instance, half: bool = False, cache_bytes: int | None = None) -> tuple[dict, list]:
     """Runs the vendored converter's tensor pass with F32 output and captures what it would write.
-    half: matrices are kept as float16 where their values fit (half the memory: a 7B model's 13.5 GB
-    instead of 27; every step computes in float32 from them)."""
-    captured: dict[str, np.ndarray] = {}
+    half: matrices are kept as float16 where their values fit (--fast; every step computes in float32 from them).
+    An instance made with eager=False (its lazy mode) gives each tensor as a source.LazyArray, decoded from the
+    checkpoint when used and cached up to cache_bytes (source.DEFAULT_CACHE_BYTES): the model is streamed."""
+    from gguf import LazyNumpyTensor
+
+    from .source import DEFAULT_CACHE_BYTES, DecodedCache, LazyArray, lazy_tensor
+    cache = DecodedCache(DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
+    captured: dict = {}
     names: list[str] = []
 
     def capture(name, tensor, raw_shape=None, raw_dtype=None, tensor_endianess=None):
-        from gguf import LazyNumpyTensor
-        arr = LazyNumpyTensor.to_eager(tensor) if isinstance(tensor, LazyNumpyTensor) else tensor
-        a32 = np.asarray(arr, dtype=np.float32)
-        if half and a32.ndim == 2 and np.all(np.abs(a32) < 60000):
-            a32 = a32.astype(np.float16)
-        captured[name] = a32
+        if isinstance(tensor, LazyNumpyTensor) and getattr(model_instance, "lazy", False):
+            captured[name] = lazy_tensor(tensor, half, cache)
+        else:
+            arr = LazyNumpyTensor.to_eager(tensor) if isinstance(tensor, LazyNumpyTensor) else tensor
+            a32 = np.asarray(arr, dtype=np.float32)
+            if half and a32.ndim == 2 and np.all(np.abs(a32) < 60000):
+                a32 = a32.astype(np.float16)
+            captured[name] = a32
         names.append(name)
 
     writer = model_instance.gguf_writer
@@ -262,8 +270,8 @@ def float_tensors(model_instance, half: bool = False) -> tuple[dict, list]:
     finally:
         del writer.add_tensor
         upstream_log.setLevel(level)
-    for name, w in captured.items():
-        if not np.all(np.isfinite(w)):
+    for name, w in captured.items():  # a streamed tensor is read once here, and not kept
+        if not np.all(np.isfinite(w._load() if isinstance(w, LazyArray) else w)):
             raise ConvertError(f"tensor {name} has NaN or Inf values")
     return captured, names
 
@@ -325,7 +333,9 @@ def convert(opt: Options) -> dict:
     from .report import layer_learning_totals, learning_totals, write_report
     from .write import write_gguf
 
+    from .source import return_freed_memory
     t0 = time.time()
+    return_freed_memory()
     config = check_input(opt.model)
     if opt.bits not in F.TYPE_IDS:
         raise ConvertError(f"--bits must be one of {sorted(F.TYPE_IDS)}")
@@ -343,9 +353,10 @@ def convert(opt: Options) -> dict:
         opt.outfile.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = opt.outfile.with_name(opt.outfile.name + f".tmp{os.getpid()}")
     with torch.inference_mode():
-        instance = model_class(opt.model, gguf.LlamaFileType.ALL_F32, tmp_out, eager=True)
+        # lazy: each tensor is read from the checkpoint when a step uses it (source.py)
+        instance = model_class(opt.model, gguf.LlamaFileType.ALL_F32, tmp_out, eager=False)
         log.info("reading %s", opt.model)
-        tensors, order = float_tensors(instance, half=opt.fast)
+        tensors, order = float_tensors(instance, half=opt.fast, cache_bytes=opt.cache_bytes)
     check_shapes(tensors, hp)
     if opt.rotate and any(n.endswith("post_attention_norm.weight") for n in tensors):
         raise ConvertError("--rotate cannot be used with this architecture: its normalised block outputs "

@@ -22,19 +22,22 @@ def block_normalise(w: np.ndarray) -> np.ndarray:
     return (b / np.where(amax > 0, amax, 1)).reshape(rows, cols)
 
 
-def row_profiles(w: np.ndarray, h: np.ndarray | None) -> np.ndarray:
-    """[rows, len(QUANTILE_LEVELS)] Hessian-weighted quantiles of each row's block-normalised weights."""
-    v = block_normalise(np.asarray(w, dtype=np.float32))
-    rows, cols = v.shape
+def row_profiles(w: np.ndarray, h: np.ndarray | None, chunk: int = 2048) -> np.ndarray:
+    """[rows, len(QUANTILE_LEVELS)] Hessian-weighted quantiles of each row's block-normalised weights (computed
+    `chunk` rows at a time: the sort's temporaries take several times the rows' bytes)."""
+    w = np.asarray(w)  # a streamed tensor is decoded once
+    rows, cols = w.shape
     hw = np.ones(cols, dtype=np.float64) if h is None else np.maximum(np.asarray(h, dtype=np.float64), 1e-12)
-    order = np.argsort(v, axis=1)
-    vs = np.take_along_axis(v, order, axis=1)
-    cw = np.cumsum(hw[order], axis=1)
-    cw /= cw[:, -1:]
     out = np.empty((rows, len(QUANTILE_LEVELS)), dtype=np.float32)
-    for i, q in enumerate(QUANTILE_LEVELS):
-        pos = (cw < q).sum(axis=1).clip(0, cols - 1)
-        out[:, i] = vs[np.arange(rows), pos]
+    for r0 in range(0, rows, chunk):
+        v = block_normalise(np.asarray(w[r0:r0 + chunk], dtype=np.float32))
+        order = np.argsort(v, axis=1)
+        vs = np.take_along_axis(v, order, axis=1)
+        cw = np.cumsum(hw[order], axis=1)
+        cw /= cw[:, -1:]
+        for i, q in enumerate(QUANTILE_LEVELS):
+            pos = (cw < q).sum(axis=1).clip(0, cols - 1)
+            out[r0:r0 + chunk, i] = vs[np.arange(len(v)), pos]
     return out
 
 

@@ -54,7 +54,7 @@ def init_codebooks(w_stored: np.ndarray, h: np.ndarray | None, bounds: np.ndarra
     if variant not in ("codebooks", "scales"):
         raise ValueError(f"unknown variant {variant!r}")
     rows, cols = w_stored.shape
-    b = w_stored.reshape(rows, cols // QK, QK).astype(np.float32)
+    b = np.asarray(w_stored, dtype=np.float32).reshape(rows, cols // QK, QK)
     hcol = np.ones(cols, dtype=np.float32) if h is None else np.maximum(np.asarray(h, dtype=np.float32), 1e-12)
     rng = np.random.default_rng(seed)
     k = 1 << bits
@@ -62,12 +62,12 @@ def init_codebooks(w_stored: np.ndarray, h: np.ndarray | None, bounds: np.ndarra
     spans = [(0, rows)] * len(bounds) if variant == "scales" else list(zip(starts, bounds))
 
     def fit(scale: np.ndarray) -> np.ndarray:
-        v = (b / np.where(scale > 0, scale, 1)[..., None]).reshape(rows, cols)
-        wt = (np.repeat(scale, QK, axis=1) ** 2) * hcol[None, :]
         out, cache = [], {}
         for r0, r1 in spans:
             if (r0, r1) not in cache:  # the "scales" variant fits one codebook for all groups
-                vv, ww = v[r0:r1].ravel(), wt[r0:r1].ravel()
+                s = scale[r0:r1]  # one group's rows at a time: a big matrix's temporaries stay one group's
+                vv = (b[r0:r1] / np.where(s > 0, s, 1)[..., None]).ravel()
+                ww = ((np.repeat(s, QK, axis=1) ** 2) * hcol[None, :]).ravel()
                 if len(vv) > max_samples:
                     pick = rng.choice(len(vv), max_samples, replace=False)
                     vv, ww = vv[pick], ww[pick]

@@ -104,9 +104,14 @@ def verify_written(path, order: list[str], jlcm: dict) -> None:
     end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
     if end > os.path.getsize(path):
         raise ConvertError(f"{path} is truncated: its tensors end at byte {end:,}, the file at {os.path.getsize(path):,}")
-    for name, spec in jlcm.items():
-        if not np.array_equal(np.asarray(by_name[name].data).reshape(spec["packed"].shape), spec["packed"]):
-            raise ConvertError(f"{path}: {name} did not read back as written")
+    # read, not through the reader's memory map: a map's pages would count as the converter's memory (a 7B
+    # model's whole file, on top of the packed weights still held)
+    with open(path, "rb") as f:
+        for name, spec in jlcm.items():
+            packed = np.ascontiguousarray(spec["packed"]).view(np.uint8).reshape(-1)
+            f.seek(int(by_name[name].data_offset))
+            if not np.array_equal(np.fromfile(f, dtype=np.uint8, count=packed.size), packed):
+                raise ConvertError(f"{path}: {name} did not read back as written")
 
 
 def write_gguf(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_out, standard: dict | None = None,

@@ -26,6 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32),
+    # narrow and deep: a checkpoint several times larger than the converter's streaming memory (tests/test_stream.py)
+    "deep": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=64, num_attention_heads=16,
+                 num_key_value_heads=4),
     "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2),
 }
@@ -155,7 +158,7 @@ def write_tokenizer(out: Path) -> None:
 
 # --- weights ---------------------------------------------------------------------------------------------
 
-def write_weights(out: Path, cfg: dict, seed: int, shard_bytes: int) -> int:
+def write_weights(out: Path, cfg: dict, seed: int, shard_bytes: int, dtype=np.float16) -> int:
     from safetensors.numpy import save_file
     from tqdm import tqdm
 
@@ -163,19 +166,20 @@ def write_weights(out: Path, cfg: dict, seed: int, shard_bytes: int) -> int:
     shards: list[list[tuple[str, tuple]]] = [[]]
     size = 0
     for name, shape in shapes:
-        nbytes = 2 * int(np.prod(shape))
+        nbytes = np.dtype(dtype).itemsize * int(np.prod(shape))
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append((name, shape))
         size += nbytes
     weight_map, total = {}, 0
-    bar = tqdm(total=sum(2 * int(np.prod(s)) for _, s in shapes), unit="B", unit_scale=True, desc="weights")
+    item = np.dtype(dtype).itemsize
+    bar = tqdm(total=sum(item * int(np.prod(s)) for _, s in shapes), unit="B", unit_scale=True, desc="weights")
     for k, shard in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         arrays = {}
         for name, shape in shard:
-            arrays[name] = random_tensor(name, shape, seed)
+            arrays[name] = random_tensor(name, shape, seed).astype(dtype)
             weight_map[name] = fname
             total += arrays[name].size
             bar.update(arrays[name].nbytes)
@@ -185,7 +189,7 @@ def write_weights(out: Path, cfg: dict, seed: int, shard_bytes: int) -> int:
         del arrays
     bar.close()
     (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": 2 * total}, "weight_map": weight_map}, indent=1))
+        {"metadata": {"total_size": item * total}, "weight_map": weight_map}, indent=1))
     return total
 
 
@@ -195,11 +199,17 @@ def main(argv=None) -> int:
     ap.add_argument("--config", choices=sorted(CONFIGS), default="llama2-7b")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-size", type=float, default=2.0, help="GB (10^9 bytes) per safetensors shard")
+    ap.add_argument("--layers", type=int, help="this many layers instead of the configuration's")
+    ap.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                    help="the weights' type in the safetensors files (their values are float16's either way)")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     cfg = config_json(a.config)
+    if a.layers:
+        cfg["num_hidden_layers"] = a.layers
+    cfg["torch_dtype"] = a.dtype
     write_tokenizer(a.out)
-    n = write_weights(a.out, cfg, a.seed, int(a.shard_size * 1e9))
+    n = write_weights(a.out, cfg, a.seed, int(a.shard_size * 1e9), np.dtype(a.dtype))
     (a.out / "config.json").write_text(json.dumps(cfg, indent=1))  # last: a folder with it is complete
     print(f"wrote {a.out}: {n:,} parameters ({a.config}, seed {a.seed})")
     return 0

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .calib import DEFAULT_CALIBRATION
+from .source import DEFAULT_CACHE_BYTES
 from .convert import AUTO_TUNE_STEPS, LAYER_ROUNDS, TENSOR_TYPES, Options, convert
 
 OUTTYPES = ("jlcm2", "jlcm3", "jlcm4", "auto")
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted conversion from its last finished block (OUTFILE.jlcm-resume/)")
     run.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
-    run.add_argument("--cache-mb", type=int, default=1024,
+    run.add_argument("--cache-mb", type=int, default=DEFAULT_CACHE_BYTES >> 20,
                      help="megabytes of decoded float weights kept in memory (default 1024); the converter reads the "
                           "checkpoint one block at a time and re-reads what does not fit: less memory, more reading")
     run.add_argument("--report", type=Path, help="write per-block learning figures (loss before/after, fraction of "

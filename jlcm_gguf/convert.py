@@ -20,6 +20,7 @@ import numpy as np
 from . import format as F
 from .blocks import plan_gptq_kinds
 from .model import LINEARS, Hparams
+from .source import DEFAULT_CACHE_BYTES
 
 log = logging.getLogger("jlcm-convert")
 
@@ -98,7 +99,7 @@ class Options:
     tensor_types: tuple = ()   # --tensor-type: (regex, type) pairs; a weight matrix whose GGUF name a regex
                                # matches (re.search, the first such pair) takes that type (tensor_overrides)
     dry_run: bool = False      # --dry-run: resolve every type (plan included), predict the file's bytes, write nothing
-    cache_bytes: int = 1 << 30  # --cache-mb: decoded float weights kept in memory (source.py); the rest is re-read
+    cache_bytes: int = DEFAULT_CACHE_BYTES  # --cache-mb: decoded float weights kept in memory (source.py); the rest is re-read
 
 
 EMBEDDINGS = ("token_embd.weight", "output.weight")
@@ -235,15 +236,15 @@ def gemma3_hparams(config: dict) -> dict:
                 final_softcap=float(config.get("final_logit_softcapping") or 0.0))
 
 
-def float_tensors(model_instance, half: bool = False, cache_bytes: int | None = None) -> tuple[dict, list]:
+def float_tensors(model_instance, half: bool = False, cache_bytes: int = DEFAULT_CACHE_BYTES) -> tuple[dict, list]:
     """Runs the vendored converter's tensor pass with F32 output and captures what it would write.
     half: matrices are kept as float16 where their values fit (--fast; every step computes in float32 from them).
     An instance made with eager=False (its lazy mode) gives each tensor as a source.LazyArray, decoded from the
-    checkpoint when used and cached up to cache_bytes (source.DEFAULT_CACHE_BYTES): the model is streamed."""
+    checkpoint when used and cached up to cache_bytes: the model is streamed."""
     from gguf import LazyNumpyTensor
 
-    from .source import DEFAULT_CACHE_BYTES, DecodedCache, LazyArray, lazy_tensor
-    cache = DecodedCache(DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
+    from .source import DecodedCache, LazyArray, as_float, lazy_tensor
+    cache = DecodedCache(cache_bytes)
     captured: dict = {}
     names: list[str] = []
 
@@ -252,10 +253,7 @@ def float_tensors(model_instance, half: bool = False, cache_bytes: int | None = 
             captured[name] = lazy_tensor(tensor, half, cache)
         else:
             arr = LazyNumpyTensor.to_eager(tensor) if isinstance(tensor, LazyNumpyTensor) else tensor
-            a32 = np.asarray(arr, dtype=np.float32)
-            if half and a32.ndim == 2 and np.all(np.abs(a32) < 60000):
-                a32 = a32.astype(np.float16)
-            captured[name] = a32
+            captured[name] = as_float(np.asarray(arr, dtype=np.float32), half)
         names.append(name)
 
     writer = model_instance.gguf_writer

@@ -23,24 +23,20 @@ DEFAULT_CACHE_BYTES = 1 << 30  # decoded float weights kept (--cache-mb); a bloc
 
 
 class DecodedCache:
-    """The most recently decoded tensors, up to `capacity` bytes (a tensor larger than that is not kept).
-    hits/misses count how often values were found or decoded (tests and the log read them)."""
+    """The most recently decoded tensors, up to `capacity` bytes (a tensor larger than that is not kept)."""
 
     def __init__(self, capacity: int = DEFAULT_CACHE_BYTES):
         self.capacity = capacity
         self.entries: OrderedDict[int, np.ndarray] = OrderedDict()
         self.bytes = 0
-        self.hits = self.misses = 0
 
     def get(self, key: int):
         a = self.entries.get(key)
         if a is not None:
             self.entries.move_to_end(key)
-            self.hits += 1
         return a
 
     def put(self, key: int, a: np.ndarray) -> None:
-        self.misses += 1
         if a.nbytes > self.capacity:
             return
         self.drop(key)
@@ -141,16 +137,20 @@ class LazyArray(np.lib.mixins.NDArrayOperatorsMixin):
         return f"LazyArray(shape={self.shape}, dtype={self.dtype})"
 
 
+def as_float(a32: np.ndarray, half: bool) -> np.ndarray:
+    """A tensor as the converter keeps it: float32, or with --fast (half) a matrix as float16 where its values fit."""
+    if half and a32.ndim == 2 and np.all(np.abs(a32) < 60000):
+        return a32.astype(np.float16)
+    return a32
+
+
 def lazy_tensor(node, half: bool, cache: DecodedCache) -> LazyArray:
     """A LazyArray of one tensor the vendored converter would write, as float32 (half: a matrix as float16
     where its values fit, --fast's memory saving kept as it was)."""
     shape = tuple(node.shape)
 
-    def load() -> np.ndarray:
-        a32 = np.array(evaluate(node), dtype=np.float32)  # a copy: no view of the file's memory map stays
-        if half and a32.ndim == 2 and np.all(np.abs(a32) < 60000):
-            return a32.astype(np.float16)
-        return a32
+    def load() -> np.ndarray:  # a copy: no view of the file's memory map stays
+        return as_float(np.array(evaluate(node), dtype=np.float32), half)
     # whether --fast's float16 applies is known once decoded: report float32, the type every step computes in
     return LazyArray(load, shape, np.float32, cache)
 

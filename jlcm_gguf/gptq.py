@@ -20,14 +20,22 @@ from .pack import assign, group_of_rows
 
 def inverse_cholesky(H: np.ndarray, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹ (float64), the GPTQ update's coefficients."""
-    H = torch.as_tensor(np.asarray(H, dtype=np.float64)).clone()
-    dead = torch.diagonal(H) <= 0
-    H[dead, dead] = 1.0
-    H += torch.eye(len(H), dtype=H.dtype) * damp * torch.diagonal(H).mean()
     # with J the reversal and J H J = M Mᵀ, H⁻¹ = Uᵀ U for the upper triangular U = J M⁻¹ J: one Cholesky
-    # and one triangular solve instead of forming H⁻¹ and factoring it again
-    M = torch.linalg.cholesky(H.flip(0, 1))
-    return torch.linalg.solve_triangular(M, torch.eye(len(H), dtype=H.dtype), upper=False).flip(0, 1)
+    # and one triangular solve instead of forming H⁻¹ and factoring it again. LAPACK works in place on
+    # column-major matrices, and J H J is symmetric: through its transposed view the factor overwrites it and
+    # the solve overwrites the identity, so two n x n float64 matrices are alive, not seven (ffn_down's
+    # Hessian of a 7B model is 11008 x 11008: 1 GB each)
+    A = torch.tensor(np.asarray(H, dtype=np.float64))
+    diag = torch.diagonal(A)
+    diag[diag <= 0] = 1.0
+    diag += damp * diag.mean()
+    A = torch.from_numpy(np.ascontiguousarray(A.numpy()[::-1, ::-1]))  # J H J
+    del diag  # (a view of the unflipped copy)
+    M = torch.linalg.cholesky(A.mT, out=A.mT)
+    eye = torch.eye(len(A), dtype=A.dtype).mT
+    X = torch.linalg.solve_triangular(M, eye, upper=False, out=eye)
+    del A, M
+    return torch.from_numpy(np.ascontiguousarray(X.numpy()[::-1, ::-1]))  # one copy (torch's flip keeps X's layout)
 
 
 def assign_gptq(w: np.ndarray, bits: int, cb: np.ndarray, bounds: np.ndarray | None, H: np.ndarray,

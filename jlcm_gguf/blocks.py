@@ -17,6 +17,7 @@ import logging
 
 import numpy as np
 
+from . import distributed as D
 from .model import Hparams
 
 log = logging.getLogger("jlcm-convert")
@@ -70,8 +71,9 @@ def block_statistics(x_q: list, x_f: list, tensors: dict, bid: int, hp: Hparams,
     from .imatrix import apply_imatrix, rescale_hessian
     moments = M.InputHessians() if gptq else M.InputMoments()
     with torch.inference_mode():
-        M.blocks_forward(x_q, tensors, bid, hp, moments)
-        y_f = M.blocks_forward(x_f, tensors, bid, hp) if learn else None
+        D.blocks_forward(x_q, tensors, bid, hp, moments)
+        y_f = D.blocks_forward(x_f, tensors, bid, hp) if learn else None
+        D.reduce_moments(moments)
     count = sum(len(x) for x in x_q)
     measured = moments.means(count)
     full = moments.matrices(count) if gptq else {}  # this block's only: one block's memory
@@ -83,30 +85,39 @@ def block_statistics(x_q: list, x_f: list, tensors: dict, bid: int, hp: Hparams,
 def round_matrices(orders: dict, columns: dict, tensors: dict, hessians: dict, full: dict, opt) -> tuple[dict, dict]:
     """Step 3 for each matrix the fold grouped: codebooks, then indices and block scales (GPTQ under the full
     input Hessian, in the fold's column order, or nearest), then layer-wise learning if --layer-rounds.
-    Returns the specs {name: idx, d, cb, ro} and layer-wise learning's figures per matrix."""
+    Returns the specs {name: idx, d, cb, ro} and layer-wise learning's figures per matrix. With several processes
+    (distributed.py) each matrix is rounded by one and sent to the others."""
     from .gptq import assign_gptq
     from .init import init_codebooks
     from .learn import learn_layer
     from .pack import assign
+    owner = D.owners({n: tensors[n].size for n in orders})
     specs, layer_learned = {}, {}
     for name, ro in orders.items():
+        # each matrix takes its Hessian out of `full`: one that q/k/v or gate/up share is freed after the last
+        H = full.pop(name.removesuffix(".weight"), None)
+        if owner[name] != D.rank():
+            continue
         h = hessians.get(name.removesuffix(".weight"))
         w = tensors[name]
         bits = int(opt.kinds[name][4:])
         cb = init_codebooks(w, h, ro.bounds, bits, opt.variant, opt.seed, **fast_init(opt))
-        H = full.get(name.removesuffix(".weight")) if gptq_rounding(opt, name) else None
-        if H is None:
+        if H is None or not gptq_rounding(opt, name):
             idx, d = assign(w, bits, cb, ro.bounds, h)
         else:
             col = columns.get(name)  # the fold's column order, which h already follows
             Hc = H if col is None else H[np.ix_(col, col)]
+            del H
             idx, d = assign_gptq(w, bits, cb, ro.bounds, Hc)
             if opt.layer_rounds:
+                Hc = Hc.astype(np.float32)  # what learn_layer computes in (a 7B's ffn_down: 0.5 GB, not 1)
                 idx, d, cb, ls = learn_layer(w, idx, d, cb, ro.bounds, Hc, opt.layer_rounds, opt.learn_mappings)
                 layer_learned[name] = dict(loss_before=ls.loss_before, loss_after=ls.loss_after,
                                            indices=ls.weights, indices_changed=ls.changed)
         specs[name] = dict(idx=idx, d=d, cb=cb, ro=ro)
-    return specs, layer_learned
+    shared = D.share_results({n: (specs[n], layer_learned.get(n)) for n in specs}, owner)
+    return ({n: spec for n, (spec, _) in shared.items()},
+            {n: learned for n, (_, learned) in shared.items() if learned is not None})
 
 
 def learn_matrices(specs: dict, tensors: dict, hessians: dict, x_q: list, y_f: list, bid: int, hp: Hparams,
@@ -210,7 +221,8 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         with torch.inference_mode():
             x_q = [M.embed(s, tensors, hp) for s in tokens]
         x_f = list(x_q)
-    bar = tqdm(range(start, hp.n_layer), total=hp.n_layer, initial=start, desc="JLCM layers", unit="layer")
+    bar = tqdm(range(start, hp.n_layer), total=hp.n_layer, initial=start, desc="JLCM layers", unit="layer",
+               disable=not D.is_main())
     for bid in bar:
         gptq = any(n.startswith(f"blk.{bid}.") and gptq_rounding(opt, n) for n in quantized)
         h, full, y_f = block_statistics(x_q, x_f, tensors, bid, hp, gptq, bool(opt.learn_steps), opt.imatrix)
@@ -247,12 +259,12 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
         qt = dict(tensors)
         qt.update(logical)
         with torch.inference_mode():
-            x_q = M.blocks_forward(x_q, qt, bid, hp)
+            x_q = D.blocks_forward(x_q, qt, bid, hp)
         x_f = y_f if y_f is not None else x_q
         del qt, logical, specs
         stream_folded(tensors, unfolded, res)
         del res, unfolded  # the block's float copies: memory holds one block's
-        if ckpt is not None:
+        if ckpt is not None and D.is_main():
             ckpt.save(bid, packed, folded, x_q, y_f, block_standard, learned)
     return (jlcm, standard, hessians) + head_statistics(x_q, tensors, hessians, hp, quantized, opt)
 
@@ -277,8 +289,9 @@ def head_statistics(x_q: list, tensors: dict, hessians: dict, hp: Hparams, quant
     head_gptq = "output.weight" in quantized and gptq_rounding(opt, "output.weight")
     moments = M.InputHessians() if head_gptq else M.InputMoments()
     with torch.inference_mode():
-        for x in x_q:
-            moments("output", M.rms_norm(x, M.t(tensors["output_norm.weight"]), hp.rms_eps))
+        for i in D.share(len(x_q)):
+            moments("output", M.rms_norm(x_q[i], M.t(tensors["output_norm.weight"]), hp.rms_eps))
+        D.reduce_moments(moments)
     count = sum(len(x) for x in x_q)
     measured = moments.means(count)
     hessians.update(apply_imatrix(measured, opt.imatrix))
@@ -296,8 +309,11 @@ def quantize_embeddings(tensors: dict, hessians: dict, head_H, quantized: set[st
     from .gptq import assign_gptq
     from .init import init_codebooks
     from .pack import pack_blocks, quantize_to_codebooks
-    for name in ("token_embd.weight", "output.weight"):
-        if name in quantized:
+    names = [n for n in ("token_embd.weight", "output.weight") if n in quantized]
+    owner = D.owners({n: tensors[n].size for n in names})  # with several processes, one each (distributed.py)
+    done = {}
+    for name in names:
+        if owner[name] == D.rank():
             embd_bits = int(opt.kinds[name][4:])
             w = np.asarray(tensors[name])  # decoded once (a streamed embedding may not fit the cache)
             ro = fold_global({name: w}, hessians, name, opt.groups, opt.seed)
@@ -309,4 +325,5 @@ def quantize_embeddings(tensors: dict, hessians: dict, head_H, quantized: set[st
                 packed = pack_blocks(*assign_gptq(w, embd_bits, cb, ro.bounds, head_H), embd_bits)
             else:
                 packed = quantize_to_codebooks(w, embd_bits, cb, ro.bounds, h)
-            jlcm[name] = dict(packed=packed, bits=embd_bits, codebooks=cb, bounds=ro.bounds, perm=ro.order)
+            done[name] = dict(packed=packed, bits=embd_bits, codebooks=cb, bounds=ro.bounds, perm=ro.order)
+    jlcm.update(D.share_results(done, owner))

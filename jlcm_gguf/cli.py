@@ -221,6 +221,9 @@ def main(argv=None) -> int:
         print(f"interrupted: no output written; finished blocks (and end-to-end tuning, saved every 2 minutes) are "
               f"kept in {opt.outfile}{SUFFIX}/ for --resume", file=sys.stderr)
         return 130
+    from . import distributed as D
+    if not D.is_main():  # another process of a torchrun conversion: process 0 reports
+        return 0
     if s.get("dry_run"):
         print_dry_run(s)
         return 0

@@ -331,9 +331,11 @@ def convert(opt: Options) -> dict:
     from .report import layer_learning_totals, learning_totals, write_report
     from .write import write_gguf
 
+    from . import distributed as D
     from .source import return_freed_memory
     t0 = time.time()
     return_freed_memory()
+    D.setup()  # several processes under torchrun (distributed.py)
     config = check_input(opt.model)
     if opt.bits not in F.TYPE_IDS:
         raise ConvertError(f"--bits must be one of {sorted(F.TYPE_IDS)}")
@@ -395,6 +397,11 @@ def convert(opt: Options) -> dict:
     n_chat = 0 if chat is None else len(chat)
     all_tokens = calibration_tokens(calib, tokenizer, max(opt.nsamples, n_tune - n_chat), opt.seqlen, opt.seed)
     tokens = all_tokens[:opt.nsamples]
+    problem = D.check_windows(len(tokens))
+    if problem is None and D.size() > 1 and opt.tune_steps and opt.tune_mappings == "proximal":
+        problem = "--tune-mappings proximal runs in one process only (its trial steps are not shared yet)"
+    if problem:
+        raise ConvertError(problem)
     tune_tokens = all_tokens
     if chat is not None:   # plain and chat-formatted windows in a seeded order (the last few are held out)
         tune_tokens = np.concatenate([all_tokens[:n_tune - n_chat], chat])
@@ -427,8 +434,11 @@ def convert(opt: Options) -> dict:
                                  key=f"{ckpt.key}:{opt.tune_steps}:{opt.tune_mappings}:{opt.tune_confidence}:{opt.tune_chat}")
 
     instance.ftype = gguf.LlamaFileType(F.FTYPE_IDS[layer_bits(opt.kinds, tensors, opt.bits)])
-    summary = write_gguf(instance, order, tensors, jlcm, opt, tmp_out, standard, hessians)
-    ckpt.remove()
+    summary = None
+    if D.is_main():  # every process holds the same model: one writes it
+        summary = write_gguf(instance, order, tensors, jlcm, opt, tmp_out, standard, hessians)
+        ckpt.remove()
+    summary = D.broadcast(summary)
     summary["seconds"] = time.time() - t0
     summary["kinds"] = dict(opt.kinds)
     if any("layer" in b for b in learned):
@@ -437,7 +447,7 @@ def convert(opt: Options) -> dict:
         summary["learning"] = learning_totals(learned)
     if tuning:
         summary["tuning"] = tuning
-    if opt.report:
+    if opt.report and D.is_main():
         write_report(opt, summary, learned)
     return summary
 

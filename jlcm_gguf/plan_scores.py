@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import distributed as D
 from .plan import DEFAULT_CHOICES, STANDARD, Option, applicable, choice_bytes, ggml_type, natural_order
 
 FAST_ROWS = 1024  # --fast scores a sample of this many rows per matrix
@@ -140,7 +141,8 @@ def fisher_marginals(tensors: dict, hp, tokens: np.ndarray, names, seed: int,
 
     gen = torch.Generator().manual_seed(seed)
     out_name = "output.weight" if "output.weight" in tensors else "token_embd.weight"
-    for seq in tqdm(tokens[:windows], desc="Fisher information", unit="window"):
+    for seq in tqdm(tokens[:windows], desc="Fisher information", unit="window",
+                    disable=not D.is_main()):
         seq = torch.as_tensor(np.asarray(seq), dtype=torch.long)
         with torch.no_grad():
             xs = [M.embed(seq, tensors, hp)]
@@ -268,7 +270,8 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
     hessians = BlockHessians(tensors, hp, tokens, imatrix) if gptq_kinds else None
     options: dict[str, list[Option]] = {}
     rng = np.random.default_rng(seed)
-    for name in tqdm(sorted(layout, key=natural_order), desc="scoring kinds", unit="tensor"):
+    for name in tqdm(sorted(layout, key=natural_order), desc="scoring kinds", unit="tensor",
+                     disable=not D.is_main()):
         w = np.asarray(tensors[name], dtype=np.float32)
         rows_all = w.shape[0]
         sample = None

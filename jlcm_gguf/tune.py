@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed as D
 from . import model as M
 from .learn import (MAPPINGS, TrustRegion, clip_moves, finalize, make_param, predicted_change, proximal_moves,
                     try_moves)
@@ -90,6 +91,20 @@ def _restore(path: Path, key: str, state: dict) -> int:
     state["losses"][:] = blob["losses"]
     state["trials"][:] = blob["trials"]
     return int(blob["done"])
+
+
+def _grads(params: dict, floats: dict, mappings: str) -> list:
+    """The gradients a step applies, in the same order in every process (with several processes, zeros where this
+    one computed none: all take part in the sum)."""
+    tensors = [p.cb for p in params.values()] + [p.r for p in params.values()] + list(floats.values())
+    if mappings != "off":
+        tensors += [p.u for p in params.values()]
+    if D.size() == 1:
+        return []
+    for t in tensors:
+        if t.grad is None:
+            t.grad = torch.zeros_like(t)
+    return [t.grad for t in tensors]
 
 
 def shrunk_mean(mean: torch.Tensor, second: torch.Tensor, batches: float, z: float) -> torch.Tensor:
@@ -187,9 +202,12 @@ def tune_end_to_end(tensors: dict, jlcm: dict, standard: dict, kinds: dict, hp, 
         with torch.no_grad():
             return torch.log_softmax(forward(tok, teacher, hp).float(), dim=-1)
 
-    def held_out_kl() -> float:
+    def held_out_kl() -> float:  # (with several processes, each takes its share of the windows)
         with torch.no_grad():
-            return float(sum(kl(student(test[i:i + 1]), teacher_logp(test[i:i + 1])) for i in range(len(test))) / len(test))
+            total = sum((kl(student(test[i:i + 1]), teacher_logp(test[i:i + 1])) for i in D.share(len(test))),
+                        torch.zeros(()))
+            D.all_reduce_([total])
+            return float(total / len(test))
 
     before = held_out_kl()
     opt = torch.optim.Adam([{"params": [p.cb for p in params.values()], "lr": lr_cb * 127},
@@ -209,17 +227,21 @@ def tune_end_to_end(tensors: dict, jlcm: dict, standard: dict, kinds: dict, hp, 
     if first:
         log.info("end-to-end tuning: resuming after step %d of %d from %s", first, steps, checkpoint)
     saved = time.time()
-    bar = tqdm(range(first, steps), desc="end-to-end tuning", unit="step", initial=first, total=steps)
+    bar = tqdm(range(first, steps), desc="end-to-end tuning", unit="step", initial=first, total=steps,
+               disable=not D.is_main())
     for step in bar:
         pick = order[(torch.arange(batch) + step * batch) % len(train)]   # each window once before any repeats
-        tok = train[pick]
-        target = teacher_logp(tok)
-        logits = student(tok)
-        loss = kl(logits, target)
+        tok = train[pick][D.share(batch)]  # with several processes, this one's windows of the step
         opt.zero_grad()
         for p in params.values():
             p.u.grad = None
-        loss.backward(retain_graph=bool(moments))
+        loss = torch.zeros(())
+        if len(tok):
+            target = teacher_logp(tok)
+            logits = student(tok)
+            loss = kl(logits, target) * (len(tok) / batch)  # this process's part of the step's mean
+            loss.backward(retain_graph=bool(moments))
+        D.all_reduce_([loss.detach()] + _grads(params, floats, mappings))
         before_step = [p.u.detach().round() for p in params.values()]
         if moments:
             fisher_grads = sampled_fisher_grads(logits, [p.u for p in params.values()], gen)
@@ -264,7 +286,7 @@ def tune_end_to_end(tensors: dict, jlcm: dict, standard: dict, kinds: dict, hp, 
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
         else:
             bar.set_postfix(kl=f"{losses[-1]:.4f}", moved=f"{sum(p.changed() for p in params.values()) / n_indices:.3%}")
-        if checkpoint and step + 1 < steps and time.time() - saved >= save_every:
+        if checkpoint and D.is_main() and step + 1 < steps and time.time() - saved >= save_every:
             _save(checkpoint, key, step + 1, state)
             saved = time.time()
     after = held_out_kl()

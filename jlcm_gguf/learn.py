@@ -484,7 +484,7 @@ def learn_layer(w: np.ndarray, idx: np.ndarray, d: np.ndarray, cb: np.ndarray, b
         return torch.as_tensor(d16_.astype(np.float32)).repeat_interleave(QK, dim=1) * cv
 
     loss = before = layer_loss(W, value(pos, d16, cb8), Ht)
-    start = pos
+    start = pos.to(torch.uint8)  # (positions < 16; int64 would be 0.36 GB for a 7B's ffn matrix)
     label = np.broadcast_to(np.arange(cb8.shape[1]), cb8.shape)    # the starting position of each codeword
     for _ in range(rounds):
         dx = torch.as_tensor(d16.astype(np.float32)).repeat_interleave(QK, dim=1)

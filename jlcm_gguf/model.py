@@ -131,11 +131,13 @@ class InputHessians(InputMoments):
             self.full[name] = self.full[self._last[1]]
             return
         x2 = x.reshape(-1, x.shape[-1]).float()
-        s = x2.T @ x2  # float32 products of one batch, summed over batches in float64 (in place: 1 GB for a 7B's ffn_down)
-        if name in self.full:
-            self.full[name].add_(s)
-        else:
+        s = x2.T @ x2  # float32 products of one batch, summed over batches in float64
+        if name not in self.full:
             self.full[name] = s.double()
+        else:  # in place, a slice at a time (casting the whole product would take 1 GB more for a 7B's ffn_down)
+            acc = self.full[name]
+            for r in range(0, len(s), 1024):
+                acc[r:r + 1024].add_(s[r:r + 1024])
         self._last = (x, name)
 
     def matrices(self, count: int) -> dict[str, np.ndarray]:

@@ -41,11 +41,17 @@ def tensors(path: Path) -> dict:
     return {t.name: (int(t.tensor_type), np.array(t.data).tobytes()) for t in GGUFReader(str(path)).tensors}
 
 
-def test_two_processes_write_the_single_process_file(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def single_file(tiny, tmp_path_factory) -> Path:
+    one = tmp_path_factory.mktemp("single") / "one.gguf"
+    convert(SINGLE, tiny, one)
+    return one
+
+
+def test_two_processes_write_the_single_process_file(tiny, single_file, tmp_path):
     """Hessians summed in two processes (float64 sums of the same float32 batch products) and matrices rounded where
     they are owned: the same bytes as one process."""
-    one, two = tmp_path / "one.gguf", tmp_path / "two.gguf"
-    convert(SINGLE, tiny, one)
+    one, two = single_file, tmp_path / "two.gguf"
     stdout = convert(TORCHRUN, tiny, two)
     assert stdout.count("wrote ") == 1, stdout  # process 0 reports; the other is silent
     assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob("*.jlcm-resume"))
@@ -54,6 +60,29 @@ def test_two_processes_write_the_single_process_file(tiny, tmp_path):
     differ = [n for n in a if a[n] != b[n]]
     assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
     assert one.read_bytes() == two.read_bytes()
+
+
+def test_a_single_process_checkpoint_resumes_in_two_processes(tiny, single_file, tmp_path):
+    """The checkpoint holds every window's activations: a conversion killed after its first block resumes under
+    torchrun and writes the uninterrupted single process's file."""
+    import subprocess
+    import time
+    out = tmp_path / "out.gguf"
+    state = Path(str(out) + ".jlcm-resume") / "state.npz"
+    proc = subprocess.Popen([str(a) for a in SINGLE + [tiny, "--outfile", out, *OPTIONS]], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not state.exists():
+        assert proc.poll() is None, "the conversion ended before it could be killed"
+        assert time.time() < deadline, "no block finished in 600 s"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(timeout=30)
+    with np.load(state) as z:
+        assert int(z["done"]) == 1
+    assert not out.exists()
+    convert(TORCHRUN, tiny, out, "--resume")
+    assert out.read_bytes() == single_file.read_bytes()
 
 
 def test_two_processes_tune_with_all_reduced_gradients(tiny, tmp_path):

@@ -385,6 +385,18 @@ def refit_codebooks(w, pos, dx, c, grp, H, ridge: float = 1e-6, chunk: int = 256
     return torch.linalg.solve(A + lam[:, :, None] * eye, b + lam * c.double()).float()
 
 
+BATCHED_SOLVE_MAX = 128
+
+
+def solve_systems(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """torch.linalg.solve of a batch of systems A [n, k, k], B [n, k]. torch 2.13's batched CPU solve (MKL) fails
+    ("Pivots given to lu_solve must all be greater or equal to 1") or never returns for k of about 150 and more
+    (a 7B's ffn_down has 172 scales per row): those systems are solved one at a time, the same LAPACK calls."""
+    if A.shape[-1] <= BATCHED_SOLVE_MAX:
+        return torch.linalg.solve(A, B)
+    return torch.stack([torch.linalg.solve(a, b) for a, b in zip(A, B)])
+
+
 def refit_scales(w, cv, d, H, ridge: float = 1e-6, chunk: int = 512) -> torch.Tensor:
     """Block scales d [rows, cols/64] minimising the same error for Wq[r, j] = d[r, j // 64] * cv[r, j] (one
     (cols/64)-sized system per row: the blocks of a row interact through H). Rows are solved `chunk` at a time:
@@ -403,7 +415,7 @@ def refit_scales(w, cv, d, H, ridge: float = 1e-6, chunk: int = 512) -> torch.Te
         t = (cv[r] * wH[r]).view(-1, nb, QK).sum(2).double()
         lam = ridge * S.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)[:, None]
         S += lam[:, :, None] * torch.eye(nb, dtype=torch.float64)
-        out.append(torch.linalg.solve(S, t + lam * d[r].double()).float())
+        out.append(solve_systems(S, t + lam * d[r].double()).float())
     return torch.cat(out)
 
 

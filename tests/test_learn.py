@@ -429,3 +429,19 @@ def test_layer_learning_lowers_the_error_and_reports_what_it_moved():
         assert res["proximal"].changed > 0.01 * w.size
         assert res["proximal"].loss_after < 0.98 * res["off"].loss_after
         assert res["plain"].loss_after < res["off"].loss_after
+
+
+def test_scale_systems_of_a_7b_ffn_down_are_solved():
+    """A 7B's ffn_down row has 172 block scales: torch's batched CPU solve fails or hangs at that size (torch 2.13,
+    MKL); learn.solve_systems returns every system's solution (checked against numpy), and below the threshold
+    it is torch's batched solve itself."""
+    from jlcm_gguf.learn import BATCHED_SOLVE_MAX, solve_systems
+    g = torch.Generator().manual_seed(0)
+    for k in (24, 172):
+        A = torch.randn(6, k, k, generator=g, dtype=torch.float64)
+        A = A @ A.mT + torch.eye(k, dtype=torch.float64)
+        B = torch.randn(6, k, generator=g, dtype=torch.float64)
+        X = solve_systems(A, B)
+        np.testing.assert_allclose(X.numpy(), np.linalg.solve(A.numpy(), B.numpy()[..., None])[..., 0], rtol=1e-9)
+        if k <= BATCHED_SOLVE_MAX:
+            assert torch.equal(X, torch.linalg.solve(A, B))

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .source import LazyArray
+
 SUFFIX = ".jlcm-resume"
 FINGERPRINT_OPTIONS = ("bits", "groups", "variant", "embd_type", "nsamples", "seqlen", "seed", "learn_steps",
                        "learn_mappings", "layer_rounds", "kinds", "rotate", "fast", "rounding", "learn_loss",
@@ -56,37 +58,13 @@ def _save_npz(path: Path, arrays: dict) -> None:
     os.replace(tmp, path)
 
 
-class StoredArray:
+def stored_array(path: Path, key: str, shape: tuple, dtype) -> LazyArray:
     """An array of a block file, read when used: the writer writes a finished block's packed weights from the
-    checkpoint (gguf-py's writer asks for shape, dtype, nbytes and tofile), so they are not held in memory
-    meanwhile (a 7B model's are 1.7 GB)."""
-
-    def __init__(self, path: Path, key: str, shape: tuple, dtype):
-        self.path, self.key = Path(path), key
-        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize
-
-    def read(self) -> np.ndarray:
-        with np.load(self.path) as z:
-            return z[self.key]
-
-    def __array__(self, dtype=None, copy=None):
-        a = self.read()
-        return a if dtype is None else a.astype(dtype, copy=False)
-
-    def tofile(self, f) -> None:
-        self.read().tofile(f)
+    checkpoint, so they are not held in memory meanwhile (a 7B model's are 1.7 GB)."""
+    def load() -> np.ndarray:
+        with np.load(path) as z:
+            return z[key]
+    return LazyArray(load, shape, dtype, cache=None)
 
 
 class Checkpoint:
@@ -106,7 +84,7 @@ class Checkpoint:
              standard: dict | None = None, learned: dict | None = None) -> None:
         """Block bid is finished: its JLCM specs, the raw bytes of its matrices in llama.cpp types, the
         tensors folding changed, its learning report, the activations after it. Each spec's packed array is
-        replaced by a StoredArray of the file."""
+        replaced by a stored_array of the file."""
         self.dir.mkdir(exist_ok=True)
         arrays = {}
         for name, s in specs.items():
@@ -123,7 +101,7 @@ class Checkpoint:
         path = self.dir / f"block-{bid:03d}.npz"
         _save_npz(path, arrays)
         for name, s in specs.items():  # the packed weights, from now on read from the file
-            s["packed"] = StoredArray(path, f"jlcm|{name}|packed", s["packed"].shape, s["packed"].dtype)
+            s["packed"] = stored_array(path, f"jlcm|{name}|packed", s["packed"].shape, s["packed"].dtype)
         state = {"key": np.str_(self.key), "done": np.int64(bid + 1), "x_q": np.stack([x.numpy() for x in x_q])}
         if x_f is not None:
             state["x_f"] = np.stack([x.numpy() for x in x_f])
@@ -151,7 +129,7 @@ class Checkpoint:
                         spec = jlcm.setdefault(name, {"perm": None})
                         if field[0] == "packed":  # read from the file when it is written
                             a = z[key]
-                            spec["packed"] = StoredArray(self.dir / f"block-{bid:03d}.npz", key, a.shape, a.dtype)
+                            spec["packed"] = stored_array(self.dir / f"block-{bid:03d}.npz", key, a.shape, a.dtype)
                             del a
                         else:
                             spec[field[0]] = int(z[key]) if field[0] == "bits" else z[key]

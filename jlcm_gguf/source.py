@@ -66,8 +66,8 @@ def evaluate(node):
 
 
 class LazyArray(np.lib.mixins.NDArrayOperatorsMixin):
-    """A float tensor decoded from the checkpoint when its values are used (see the module text).
-    decode() -> the array (float32, or float16 for --fast's matrices), computed by `load`."""
+    """A tensor read from disk when its values are used (see the module text): decode() -> the array computed by
+    `load` (a float tensor of the model's checkpoint, or checkpoint.stored_array's packed weights)."""
 
     _keys = itertools.count()  # cache keys: unlike id(), never reused by a later object
 

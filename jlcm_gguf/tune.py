@@ -96,11 +96,11 @@ def _restore(path: Path, key: str, state: dict) -> int:
 def _grads(params: dict, floats: dict, mappings: str) -> list:
     """The gradients a step applies, in the same order in every process (with several processes, zeros where this
     one computed none: all take part in the sum)."""
+    if D.size() == 1:
+        return []
     tensors = [p.cb for p in params.values()] + [p.r for p in params.values()] + list(floats.values())
     if mappings != "off":
         tensors += [p.u for p in params.values()]
-    if D.size() == 1:
-        return []
     for t in tensors:
         if t.grad is None:
             t.grad = torch.zeros_like(t)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
-from .checkpoint import StoredArray
 from .format import BLOCK_BYTES, SUFFIX_BOUNDS, SUFFIX_CB, SUFFIX_PERM, TYPE_IDS
+from .source import LazyArray
 
 
 def add_jlcm_tensor(writer: GGUFWriter, name: str, packed: np.ndarray, bits: int,
@@ -28,7 +28,7 @@ def add_jlcm_tensor(writer: GGUFWriter, name: str, packed: np.ndarray, bits: int
         raise ValueError(f"{name}: {nbytes} bytes per row is not a whole number of JLCM{bits} blocks")
     qtype = GGMLQuantizationType(TYPE_IDS[bits])
     # gguf-py takes the byte shape of quantized data and derives the element shape
-    if not isinstance(packed, StoredArray):  # (a StoredArray is read when the writer writes it)
+    if not isinstance(packed, LazyArray):  # (read from a checkpoint when the writer writes it)
         packed = np.ascontiguousarray(packed, dtype=np.uint8)
     writer.add_tensor(name, packed, raw_dtype=qtype)
     if (codebooks is None) != (bounds is None):

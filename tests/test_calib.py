@@ -37,3 +37,32 @@ def test_calib_resolution(tmp_path):
     assert resolve_calibration("brown") == calibration_text("brown")
     with pytest.raises(SystemExit, match="unknown calibration text 'bible'"):
         calibration_text("bible")
+
+
+def test_token_ids_cache(smollm2, tmp_path, monkeypatch):
+    """A text's token ids are cached per text and tokenizer: the cached ids are the tokenizer's, a changed text
+    or another tokenizer is tokenized again, and a damaged cache file is replaced rather than trusted."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from jlcm_gguf.calib import text_token_ids, token_ids
+    monkeypatch.setenv("JLCM_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "t.txt"
+    text.write_text("In the beginning God created the heaven and the earth.\r\nAnd the earth was without form. " * 50)
+    tok = AutoTokenizer.from_pretrained(str(smollm2))
+    want = token_ids(tok, text.read_text(encoding="utf-8"))
+    first = text_token_ids(text, tok)
+    files = list((tmp_path / "cache").rglob("*.npy"))
+    assert len(files) == 1 and np.array_equal(first, want) and first.dtype == np.int64
+    files[0].write_bytes(np.load(files[0])[::-1].tobytes())  # not an .npy any more
+    assert np.array_equal(text_token_ids(text, tok), want)  # tokenized again, replaced
+    np.save(files[0], np.zeros(3, dtype=np.int32))  # a readable file is trusted: it is what the key names
+    assert len(text_token_ids(text, tok)) == 3
+    text.write_text("Another text entirely, with other words in it. " * 50)
+    assert np.array_equal(text_token_ids(text, tok), token_ids(tok, text.read_text(encoding="utf-8")))
+    other = AutoTokenizer.from_pretrained(str(smollm2))
+    other.backend_tokenizer.normalizer = None if other.backend_tokenizer.normalizer else __import__(
+        "tokenizers").normalizers.Lowercase()
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 2
+    text_token_ids(text, other)
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 3

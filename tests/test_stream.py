@@ -5,6 +5,7 @@ the folded one."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -20,14 +21,9 @@ import make_synthetic_llama as S  # noqa: E402
 # tokenizer take about 0.45 GB of it before any weight is read). The calibration text is cut to 400 kB: the whole
 # default text (10 MB) takes the tokenizer 0.8 GB for a moment, whatever the model's size (docs/CONVERTER.md)
 PEAK_BOUND = 1.2e9
-# the child's own high-water mark: VmHWM, not ru_maxrss, which Linux carries over from the forked test process
-PEAK_CHILD = ("import re, sys\n"
-              "from jlcm_gguf.cli import main\n"
-              "try:\n    rc = main(sys.argv[1:])\n"
-              "finally:\n"
-              "    hwm = re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1)\n"
-              "    print('PEAK_RSS_KB', hwm, file=sys.stderr)\n"
-              "sys.exit(rc)\n")
+# the child's own high-water mark (VmHWM, not ru_maxrss, which Linux carries over from the forked test process),
+# step by step: the memory tracer docs/CONVERTER.md's figures come from
+TRACE = ROOT / "scripts" / "trace_memory.py"
 
 
 def test_deep_checkpoint_converts_within_a_fraction_of_its_size(tmp_path):
@@ -41,12 +37,14 @@ def test_deep_checkpoint_converts_within_a_fraction_of_its_size(tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text(default_calibration_text().read_text(encoding="utf-8")[:400_000], encoding="utf-8")
     out = tmp_path / "deep.gguf"
-    res = run([sys.executable, "-c", PEAK_CHILD, hf, "--outfile", out, "--threads", "2", "--no-learn",
+    res = run([sys.executable, TRACE, hf, "--outfile", out, "--threads", "2", "--no-learn",
                "--rounding", "nearest", "--fast", "--nsamples", "8", "--seqlen", "128", "--cache-mb", "64", "--calib", calib],
               timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
-    peak = int(res.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0]) * 1024
+    peak = int(re.search(r"\[memory\] whole conversion: peak \S+ GB \((\d+) bytes\)", res.stderr).group(1))
+    steps = re.findall(r"\[memory\] +blocks\.block_statistics: start \S+ peak (\S+) end", res.stderr)
     print(f"checkpoint {checkpoint / 1e9:.2f} GB, conversion peak RSS {peak / 1e9:.2f} GB")
+    assert len(steps) == 64 and max(float(p) for p in steps) * 1e9 <= peak + 1e7, steps  # every block traced
     assert peak < PEAK_BOUND, f"peak resident memory {peak / 1e9:.2f} GB, bound {PEAK_BOUND / 1e9:.2f} GB"
     from gguf import GGUFReader
     names = {t.name for t in GGUFReader(str(out)).tensors}

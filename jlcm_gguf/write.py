@@ -117,6 +117,15 @@ def verify_written(path, order: list[str], jlcm: dict) -> None:
                 raise ConvertError(f"{path}: {name} did not read back as written")
 
 
+def check_free_space(directory: Path, need: int) -> None:
+    """One clear error if `directory` has fewer than `need` bytes free (before the conversion starts, with the
+    file's predicted size, and again before writing)."""
+    from .convert import ConvertError
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise ConvertError(f"{directory} has {free:,} bytes free, the output needs about {need:,}")
+
+
 def write_gguf(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_out, standard: dict | None = None,
                hessians: dict | None = None) -> dict:
     """Entry point of the write step: every tensor in the converter's order, JLCM ones with companions,
@@ -126,11 +135,9 @@ def write_gguf(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_o
     failure (a full disk included) the temporary file is removed and the output name stays untouched."""
     from .convert import ConvertError
 
-    # about what the file will take (JLCM payload, other tensors at most F32), checked before writing
+    # about what the file will take (JLCM payload, other tensors at most F32), checked again before writing
     need = sum(s["packed"].nbytes for s in jlcm.values()) + sum(tensors[n].nbytes for n in order if n not in jlcm)
-    free = shutil.disk_usage(Path(tmp_out).parent).free
-    if free < need:
-        raise ConvertError(f"{Path(tmp_out).parent} has {free:,} bytes free, the output needs about {need:,}")
+    check_free_space(Path(tmp_out).parent, need)
     try:
         summary = _write_and_verify(instance, order, tensors, jlcm, opt, tmp_out, standard or {}, hessians or {})
     except OSError as e:

@@ -1,6 +1,7 @@
 """Shared fixtures: where the patched llama.cpp build lives, and a way to run its tools."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,6 +36,37 @@ def error_line(res: subprocess.CompletedProcess) -> str:
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""
+
+
+def small_model(src: Path, dst: Path, n_layer: int, n_ff: int | None = None,
+                edit=None, config_patch: dict | None = None) -> Path:
+    """The first n_layer blocks of the real SmolLM2 (FFN cut to n_ff neurons if given) as an HF folder."""
+    from safetensors.numpy import load_file, save_file
+    dst.mkdir(parents=True)
+    weights = load_file(str(src / "model.safetensors"))
+    keep = {}
+    for k, v in weights.items():
+        if k.startswith("model.layers."):
+            if int(k.split(".")[2]) >= n_layer:
+                continue
+            if n_ff and ("gate_proj" in k or "up_proj" in k):
+                v = v[:n_ff]
+            elif n_ff and "down_proj" in k:
+                v = np.ascontiguousarray(v[:, :n_ff])
+        keep[k] = v
+    if edit:
+        edit(keep)
+    save_file(keep, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_hidden_layers"] = n_layer
+    if n_ff:
+        cfg["intermediate_size"] = n_ff
+    cfg.update(config_patch or {})
+    (dst / "config.json").write_text(json.dumps(cfg))
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer"):
+            (dst / f.name).symlink_to(f)
+    return dst
 
 
 @pytest.fixture

@@ -149,7 +149,10 @@ def test_kernels_refuse_bad_companions(tmp, fault, message, runner):
     assert res.returncode == 2 and message in res.stderr, res.stderr
 
 
-@pytest.mark.parametrize("runner", RUNNERS)
+# llama.cpp's test-quantize-fns checks every type's vec_dot against its reference; under qemu-user it takes about
+# 3 minutes per aarch64 build, nearly all of it on upstream's types. The JLCM NEON kernels are checked bit for bit
+# against the Python reference in both aarch64 builds above (test_kernels_match_reference and the refusals).
+@pytest.mark.parametrize("runner", [r for r in RUNNERS if not r.startswith("aarch64")])
 def test_test_quantize_fns_passes(runner):
     res = run(binary("test-quantize-fns", runner) + ["-v"])
     assert res.returncode == 0, res.stdout[-3000:]

@@ -14,49 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CONVERTER, ROOT, error_line, run, tool
+from conftest import CONVERTER, ROOT, error_line, run, small_model, tool
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import fuzz  # noqa: E402
 
 FAST = ["--bits", "2", "--groups", "4", "--nsamples", "4", "--seqlen", "64", "--embd-type", "q8_0", "--threads", "2"]
-N_LAYER = 6
-
-
-def small_model(src: Path, dst: Path, n_layer: int = N_LAYER, n_ff: int | None = None,
-                edit=None, config_patch: dict | None = None) -> Path:
-    """The first n_layer blocks of the real SmolLM2 (FFN cut to n_ff neurons if given) as an HF folder."""
-    from safetensors.numpy import load_file, save_file
-    dst.mkdir(parents=True)
-    weights = load_file(str(src / "model.safetensors"))
-    keep = {}
-    for k, v in weights.items():
-        if k.startswith("model.layers."):
-            if int(k.split(".")[2]) >= n_layer:
-                continue
-            if n_ff and ("gate_proj" in k or "up_proj" in k):
-                v = v[:n_ff]
-            elif n_ff and "down_proj" in k:
-                v = np.ascontiguousarray(v[:, :n_ff])
-        keep[k] = v
-    if edit:
-        edit(keep)
-    save_file(keep, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["num_hidden_layers"] = n_layer
-    if n_ff:
-        cfg["intermediate_size"] = n_ff
-    cfg.update(config_patch or {})
-    (dst / "config.json").write_text(json.dumps(cfg))
-    for f in src.iterdir():
-        if f.name.startswith("tokenizer"):
-            (dst / f.name).symlink_to(f)
-    return dst
+N_LAYER = 4  # SmolLM2's first blocks: enough to interrupt after 2 and resume
 
 
 @pytest.fixture(scope="module")
 def small(smollm2, tmp_path_factory) -> Path:
-    return small_model(smollm2, tmp_path_factory.mktemp("small") / "m")
+    return small_model(smollm2, tmp_path_factory.mktemp("small") / "m", N_LAYER)
 
 
 @pytest.fixture(scope="module")
@@ -210,15 +179,20 @@ def test_full_disk_while_writing_loses_nothing(small, tmp_path, monkeypatch):
 
 
 def test_not_enough_free_space_is_checked_first(small, tmp_path, monkeypatch):
+    """Before any block is quantized (the file's predicted size against the free space), not after the conversion."""
     import shutil
     from collections import namedtuple
+
+    import jlcm_gguf.blocks as B
     from jlcm_gguf.convert import ConvertError
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 6, 10 ** 6 - 1000, 1000))
+    monkeypatch.setattr(B, "quantize_blocks", lambda *a, **k: pytest.fail("quantizing started"))
     out = tmp_path / "out.gguf"
     with pytest.raises(ConvertError, match="has 1,000 bytes free, the output needs about"):
         _convert_in_process(small, out)
     assert not out.exists() and not list(tmp_path.glob("out.gguf.tmp*"))
+    assert not Path(str(out) + ".jlcm-resume").exists()
 
 
 # ---- hostile JLCM files through the real loader ----

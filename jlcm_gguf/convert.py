@@ -410,10 +410,8 @@ def convert(opt: Options) -> dict:
     opt.kinds = plan_kinds(instance, order, tensors, hp, tokens, opt, overrides)
     if opt.dry_run:
         return dry_run_summary(instance, order, tensors, hp, opt, t0)
-    from .write import check_free_space  # now rather than after hours (the JLCM payload, the rest at most F32)
-    shapes = jlcm_shapes(tensors, hp, opt, opt.kinds)
-    check_free_space(opt.outfile.parent, sum(s["packed"].nbytes for s in shapes.values())
-                     + sum(tensors[n].nbytes for n in order if n not in shapes))
+    from .write import check_free_space  # now rather than after hours
+    check_free_space(opt.outfile.parent, jlcm_shapes(tensors, hp, opt, opt.kinds), tensors, order)
     quantized = {n for n, k in opt.kinds.items() if k.startswith("jlcm")}
     ckpt = Checkpoint(opt.outfile, fingerprint(opt, tokens))
     found = ckpt.found()

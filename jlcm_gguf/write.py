@@ -117,10 +117,11 @@ def verify_written(path, order: list[str], jlcm: dict) -> None:
                 raise ConvertError(f"{path}: {name} did not read back as written")
 
 
-def check_free_space(directory: Path, need: int) -> None:
-    """One clear error if `directory` has fewer than `need` bytes free (before the conversion starts, with the
-    file's predicted size, and again before writing)."""
+def check_free_space(directory: Path, jlcm: dict, tensors: dict, order: list[str]) -> None:
+    """One clear error if `directory` has less room than the file takes, about: the JLCM specs' packed weights
+    (real or shape_spec's), every other tensor at most F32 (before the conversion starts, and again before writing)."""
     from .convert import ConvertError
+    need = sum(s["packed"].nbytes for s in jlcm.values()) + sum(tensors[n].nbytes for n in order if n not in jlcm)
     free = shutil.disk_usage(directory).free
     if free < need:
         raise ConvertError(f"{directory} has {free:,} bytes free, the output needs about {need:,}")
@@ -135,9 +136,7 @@ def write_gguf(instance, order: list[str], tensors: dict, jlcm: dict, opt, tmp_o
     failure (a full disk included) the temporary file is removed and the output name stays untouched."""
     from .convert import ConvertError
 
-    # about what the file will take (JLCM payload, other tensors at most F32), checked again before writing
-    need = sum(s["packed"].nbytes for s in jlcm.values()) + sum(tensors[n].nbytes for n in order if n not in jlcm)
-    check_free_space(Path(tmp_out).parent, need)
+    check_free_space(Path(tmp_out).parent, jlcm, tensors, order)
     try:
         summary = _write_and_verify(instance, order, tensors, jlcm, opt, tmp_out, standard or {}, hessians or {})
     except OSError as e:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BUILD_DIR, CONVERTER, ROOT, error_line, run, small_model, tool
+from conftest import BUILD_DIR, CONVERTER, ROOT, error_line, run, tool
 from jlcm_gguf import model as M
 from jlcm_gguf.convert import Options, convert
 from jlcm_gguf.fold import fold_layer, logical
@@ -172,12 +172,6 @@ def test_short_calibration_text_one_clear_error(smollm2, tmp_path):
     last = error_line(res)
     assert last.startswith("error: calibration text") and "need at least" in last, res.stderr[-2000:]
     assert not list(tmp_path.glob("out.gguf*"))
-
-
-@pytest.fixture(scope="module")
-def small(smollm2, tmp_path_factory) -> Path:
-    """SmolLM2's first 4 blocks (what runs the file is the same for 4 blocks or 30; 7 times faster to convert)."""
-    return small_model(smollm2, tmp_path_factory.mktemp("smollm2-4") / "m", 4)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CONVERTER, error_line, run, small_model, tool
+from conftest import CONVERTER, error_line, run, tool
 from jlcm_gguf import plan as P
 from jlcm_gguf import plan_scores as S
 
@@ -124,12 +124,6 @@ OPTIONS = ["--groups", "8", "--nsamples", "4", "--seqlen", "128", "--layer-round
 # between the 4-block model at JLCM 2-bit everywhere (14.20 MB) and JLCM 4-bit (24.82 MB); the whole model's 30
 # blocks would plan the same way at 7 times the time (12 minutes on 2 cores for the scores and the file)
 TARGET = 16_000_000
-
-
-@pytest.fixture(scope="module")
-def small(smollm2, tmp_path_factory) -> Path:
-    """SmolLM2's first 4 blocks."""
-    return small_model(smollm2, tmp_path_factory.mktemp("smollm2-4") / "m", 4)
 
 
 @pytest.fixture(scope="module")

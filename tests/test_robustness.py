@@ -14,18 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CONVERTER, ROOT, error_line, run, small_model, tool
+from conftest import CONVERTER, ROOT, SMALL_LAYERS, error_line, run, small_model, tool
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import fuzz  # noqa: E402
 
 FAST = ["--bits", "2", "--groups", "4", "--nsamples", "4", "--seqlen", "64", "--embd-type", "q8_0", "--threads", "2"]
-N_LAYER = 4  # SmolLM2's first blocks: enough to interrupt after 2 and resume
-
-
-@pytest.fixture(scope="module")
-def small(smollm2, tmp_path_factory) -> Path:
-    return small_model(smollm2, tmp_path_factory.mktemp("small") / "m", N_LAYER)
+N_LAYER = SMALL_LAYERS  # the `small` model's blocks: enough to interrupt after 2 and resume
 
 
 @pytest.fixture(scope="module")

@@ -129,8 +129,8 @@ def learn_matrices(specs: dict, tensors: dict, hessians: dict, x_q: list, y_f: l
     from . import model as M
     from .learn import finalize, learn_block, make_param
     params = {n: make_param(n, s["idx"], s["d"], s["cb"], s["ro"].bounds,
-                            hessians.get(n.removesuffix(".weight"))) for n, s in specs.items()}
-    inverse = {n: torch.as_tensor(np.argsort(s["ro"].order)) for n, s in specs.items() if s["ro"].stored}
+                            hessians.get(n.removesuffix(".weight")), D.device()) for n, s in specs.items()}
+    inverse = {n: torch.as_tensor(np.argsort(s["ro"].order)).to(D.device()) for n, s in specs.items() if s["ro"].stored}
     base = M.block_tensors(tensors, bid)
 
     # "normed" (ablation): the error after the next attention RMSNorm, where a few very large residual
@@ -247,7 +247,10 @@ def quantize_blocks(tensors: dict, hp: Hparams, tokens: np.ndarray, quantized: s
                 report.append(learned)
             bar.set_postfix(moved=f"{100 * moved_fraction(report or [learned]):.2f}%")
         if opt.learn_steps:
-            learned = dict(learned or {}, **learn_matrices(specs, tensors, hessians, x_q, y_f, bid, hp, opt))
+            figures = learn_matrices(specs, tensors, hessians, x_q, y_f, bid, hp, opt)
+            # every process learns the block whole: process 0's result in all (a GPU's sums may differ in their last bits)
+            specs, figures = D.broadcast((specs, figures))
+            learned = dict(learned or {}, **figures)
             if report is not None:
                 report.append(learned)
             bar.set_postfix(loss=f"{learned['loss_before']:.4f}->{learned['loss_after']:.4f}",

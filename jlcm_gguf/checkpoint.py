@@ -102,19 +102,21 @@ class Checkpoint:
         _save_npz(path, arrays)
         for name, s in specs.items():  # the packed weights, from now on read from the file
             s["packed"] = stored_array(path, f"jlcm|{name}|packed", s["packed"].shape, s["packed"].dtype)
-        state = {"key": np.str_(self.key), "done": np.int64(bid + 1), "x_q": np.stack([x.numpy() for x in x_q])}
+        state = {"key": np.str_(self.key), "done": np.int64(bid + 1), "x_q": np.stack([x.cpu().numpy() for x in x_q])}
         if x_f is not None:
-            state["x_f"] = np.stack([x.numpy() for x in x_f])
+            state["x_f"] = np.stack([x.cpu().numpy() for x in x_f])
         _save_npz(self.dir / "state.npz", state)
 
     def restore(self, jlcm: dict, tensors: dict, standard: dict, report: list | None = None) -> tuple[int, list, list | None]:
         """Loads the finished blocks into jlcm, tensors, standard and (their learning reports) report; returns
         (blocks done, x_q, x_f or None)."""
         import torch
+
+        from . import distributed as D
         with np.load(self.dir / "state.npz") as z:
             done = int(z["done"])
-            x_q = [torch.from_numpy(x) for x in z["x_q"]]
-            x_f = [torch.from_numpy(x) for x in z["x_f"]] if "x_f" in z else None
+            x_q = [D.to_device(torch.from_numpy(x)) for x in z["x_q"]]
+            x_f = [D.to_device(torch.from_numpy(x)) for x in z["x_f"]] if "x_f" in z else None
         for bid in range(done):
             with np.load(self.dir / f"block-{bid:03d}.npz") as z:
                 for key in z.files:

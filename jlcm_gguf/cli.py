@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .calib import DEFAULT_CALIBRATION
+from .distributed import DEVICES
 from .source import DEFAULT_CACHE_BYTES
 from .convert import AUTO_TUNE_STEPS, LAYER_ROUNDS, TENSOR_TYPES, Options, convert
 
@@ -109,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted conversion from its last finished block (OUTFILE.jlcm-resume/)")
     run.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    run.add_argument("--device", choices=DEVICES, default="cpu",
+                     help="where calibration passes, Hessians, GPTQ, learning, tuning and plan scoring compute: cpu "
+                          "(default), cuda, mps, or auto (CUDA if torch sees a GPU, else the CPU); k-means, packing "
+                          "and writing stay on the CPU. Not yet checked on a GPU (docs/CONVERTER.md)")
     run.add_argument("--cache-mb", type=int, default=DEFAULT_CACHE_BYTES >> 20,
                      help="megabytes of decoded float weights kept in memory (default 1024); the converter reads the "
                           "checkpoint one block at a time and re-reads what does not fit: less memory, more reading")
@@ -189,7 +194,7 @@ def parse_args(argv=None) -> Options:
     outfile = a.outfile or a.model / f"{a.model.name}-jlcm{'-auto' if a.outtype == 'auto' else bits}.gguf"
     return Options(model=a.model, outfile=outfile, bits=bits, groups=a.groups, variant=a.variant,
                    embd_type=a.embd_type or "jlcm4", embd_pinned=a.embd_type is not None, calib=a.calib, imatrix_file=a.imatrix, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                   threads=a.threads, learn_steps=0 if a.no_learn else a.learn_steps, learn_mappings=a.learn_mappings, layer_rounds=0 if a.no_learn else a.layer_rounds, tune_mappings=a.tune_mappings, tune_confidence=a.tune_mapping_confidence, tune_chat=a.tune_chat, tune_steps=0 if a.no_learn else -1 if a.tune_steps == "auto" else int(a.tune_steps), report=a.report, learn_loss=a.learn_loss, rounding=a.rounding,
+                   threads=a.threads, device=a.device, learn_steps=0 if a.no_learn else a.learn_steps, learn_mappings=a.learn_mappings, layer_rounds=0 if a.no_learn else a.layer_rounds, tune_mappings=a.tune_mappings, tune_confidence=a.tune_mapping_confidence, tune_chat=a.tune_chat, tune_steps=0 if a.no_learn else -1 if a.tune_steps == "auto" else int(a.tune_steps), report=a.report, learn_loss=a.learn_loss, rounding=a.rounding,
                    resume=a.resume, target_bytes=target_bytes, target_bpw=a.target_bpw or 0.0, plan=a.plan,
                    save_plan=a.save_plan, plan_error=a.plan_error, fast=a.fast, kquants=a.kquants, rotate=a.rotate,
                    token_embd_type=a.token_embedding_type, output_type=a.output_tensor_type,

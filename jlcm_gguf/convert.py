@@ -71,6 +71,7 @@ class Options:
     seqlen: int = 256
     seed: int = 0
     threads: int = 0
+    device: str = "cpu"        # --device: where the torch steps compute (distributed.select_device)
     learn_steps: int = 0       # 0: k-means codebooks only (--no-learn)
     rounding: str = "auto"     # layer weights onto codebooks: "gptq" (full input Hessian, gptq.py), "nearest", or
                                # "auto": gptq up to 3 bits, nearest at 4 (docs/measurements/results-gptq.md)
@@ -342,6 +343,12 @@ def convert(opt: Options) -> dict:
     if opt.threads:
         import torch
         torch.set_num_threads(opt.threads)
+    try:
+        dev = D.select_device(opt.device)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+    if dev.type != "cpu":
+        log.info("computing on %s", dev)
     hp = hparams_of(config)
     conversion = import_conversion()
     import gguf
@@ -407,7 +414,8 @@ def convert(opt: Options) -> dict:
         tune_tokens = np.concatenate([all_tokens[:n_tune - n_chat], chat])
         tune_tokens = tune_tokens[np.random.default_rng(opt.seed).permutation(len(tune_tokens))]
 
-    opt.kinds = plan_kinds(instance, order, tensors, hp, tokens, opt, overrides)
+    # process 0's plan in every process: scores computed apart may differ in their last bits on a GPU
+    opt.kinds = D.broadcast(plan_kinds(instance, order, tensors, hp, tokens, opt, overrides))
     if opt.dry_run:
         return dry_run_summary(instance, order, tensors, hp, opt, t0)
     from .write import check_free_space  # now rather than after hours

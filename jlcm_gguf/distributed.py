@@ -3,8 +3,8 @@
     torchrun --nproc-per-node 2 -m jlcm_gguf.cli MODEL --outfile OUT.gguf [options]
 
 torchrun starts the converter once per process and sets WORLD_SIZE and RANK; with more than one process they join
-a process group (gloo: the converter computes on the CPU). Every process runs the whole conversion on the same
-inputs, and shares the work that splits:
+a process group (gloo, which also sums CUDA tensors: the collectives here are all-reduces of sums and pickled
+objects). Every process runs the whole conversion on the same inputs, and shares the work that splits:
 - calibration windows: each process runs its share of the windows' batches through a block; the input moments and
   Hessians they sum are all-reduced, and every process receives every window's output (blocks_forward);
 - rounding: each of a block's matrices is rounded (k-means, GPTQ, layer-wise learning) by one process and sent to
@@ -13,6 +13,10 @@ inputs, and shares the work that splits:
   tuned file equals one process's up to float rounding; tests/test_distributed.py).
 Block-wise learning (--learn-steps) and plan scoring run whole in every process. Process 0 writes the file, the
 checkpoint and the report. A single process (no torchrun) runs exactly the code it always ran.
+
+The compute device (--device, select_device) is here too: each process computes on one, process N on a machine
+of several GPUs on cuda:LOCAL_RANK. Tensors the steps hand to numpy (packing, k-means, the file) come back to the
+CPU; float64 sums and small float64 systems stay on the CPU where the device has no float64 (MPS).
 """
 from __future__ import annotations
 
@@ -21,6 +25,57 @@ import logging
 import os
 
 TIMEOUT = datetime.timedelta(hours=12)  # a collective waits this long (process 0 writes a 7B file meanwhile)
+DEVICES = ("auto", "cpu", "cuda", "mps")
+_device = None  # the compute device select_device chose (None: the CPU)
+
+
+def select_device(name: str):
+    """The torch device --device names ("auto": CUDA if torch sees a GPU, else the CPU; MPS only when named); with
+    several processes on CUDA, this process's GPU (LOCAL_RANK). Raises ValueError with one sentence when torch has
+    no such device."""
+    import torch
+    global _device
+    if name not in DEVICES:
+        raise ValueError(f"--device must be one of {', '.join(DEVICES)}, not {name!r}")
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if cuda else "cpu"
+    if name == "cuda" and not cuda:
+        raise ValueError(f"--device cuda: this torch ({torch.__version__}) sees no CUDA GPU"
+                         + ("" if torch.version.cuda else " (it is built without CUDA)"))
+    if name == "mps" and not mps:
+        raise ValueError(f"--device mps: this torch ({torch.__version__}) sees no Apple GPU (MPS)")
+    if name == "mps" and size() > 1:
+        raise ValueError("--device mps works in one process only (gloo sums CPU and CUDA tensors, not MPS ones)")
+    if name == "cuda":
+        index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        _device = torch.device("cuda", index)
+    else:
+        _device = torch.device(name)
+    return _device
+
+
+def device():
+    """The compute device (the CPU unless select_device chose another)."""
+    import torch
+    return _device if _device is not None else torch.device("cpu")
+
+
+def float64_device():
+    """Where float64 sums and systems are computed: the compute device, or the CPU if it has no float64 (MPS)."""
+    import torch
+    return torch.device("cpu") if device().type == "mps" else device()
+
+
+def to_device(x):
+    """A torch tensor on the compute device (numpy arrays as float32, or float64 where they are; a tensor moved)."""
+    import numpy as np
+    import torch
+    if not isinstance(x, torch.Tensor):
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64 if x.dtype == np.float64 else np.float32))
+    dev = float64_device() if x.dtype == torch.float64 else device()
+    return x if x.device == dev else x.to(dev)
 
 
 def setup() -> None:
@@ -91,7 +146,7 @@ def blocks_forward(xs: list, tensors: dict, bid: int, hp, observe=None, batch: i
     if size() == 1:
         return M.blocks_forward(xs, tensors, bid, hp, observe, batch)
     mine = share(len(xs), batch)
-    out = torch.zeros((len(xs),) + tuple(xs[0].shape), dtype=xs[0].dtype)
+    out = torch.zeros((len(xs),) + tuple(xs[0].shape), dtype=xs[0].dtype, device=xs[0].device)
     for start in range(0, len(mine), batch):
         i = mine[start:start + batch]
         out[i[0]:i[-1] + 1] = M.block_forward(torch.stack(xs[i[0]:i[-1] + 1]), tensors, bid, hp, observe)

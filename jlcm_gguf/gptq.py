@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .format import QK
+from . import distributed as D
 from . import pack
 from .pack import assign, group_of_rows
 
@@ -51,14 +52,15 @@ def assign_gptq(w: np.ndarray, bits: int, cb: np.ndarray, bounds: np.ndarray | N
     grp = group_of_rows(bounds, rows) if bounds is not None else np.zeros(rows, dtype=np.int64)
     order = np.argsort(cb, axis=1, kind="stable")               # sorted position -> codebook index
     srt = np.take_along_axis(cb, order, axis=1).astype(np.float32)
-    c = torch.as_tensor(srt[grp])                                # [rows, K] each row's sorted codewords
+    dev = D.device()                                             # (the Cholesky factor is computed on the CPU)
+    c = torch.as_tensor(srt[grp]).to(dev)                        # [rows, K] each row's sorted codewords
     mid = (c[:, 1:] + c[:, :-1]) / 2
-    to_index = torch.as_tensor(order[grp].astype(np.int64))
+    to_index = torch.as_tensor(order[grp].astype(np.int64)).to(dev)
     hdiag = np.diag(H).copy()
-    Hinv = inverse_cholesky(H, damp).float()
-    W = torch.tensor(np.asarray(w, dtype=np.float32))
-    W[:, torch.as_tensor(hdiag <= 0)] = 0                      # columns no input reaches
-    pos = torch.empty((rows, cols), dtype=torch.long)
+    Hinv = inverse_cholesky(H, damp).float().to(dev)
+    W = torch.tensor(np.asarray(w, dtype=np.float32)).to(dev)
+    W[:, torch.as_tensor(hdiag <= 0).to(dev)] = 0              # columns no input reaches
+    pos = torch.empty((rows, cols), dtype=torch.long, device=dev)
     d = np.empty((rows, cols // QK), dtype=np.float16)
     step = max(QK, batch // QK * QK)                             # batches hold whole blocks
     threads = torch.get_num_threads()
@@ -66,7 +68,7 @@ def assign_gptq(w: np.ndarray, bits: int, cb: np.ndarray, bounds: np.ndarray | N
         _round_columns(W, Hinv, c, mid, pos, d, hdiag, bits, cb, bounds, step, threads)
     finally:
         torch.set_num_threads(threads)
-    idx = to_index.gather(1, pos).to(torch.uint8).numpy()
+    idx = to_index.gather(1, pos).to(torch.uint8).cpu().numpy()
     return idx, d
 
 
@@ -77,14 +79,14 @@ def _round_columns(W, Hinv, c, mid, pos, d, hdiag, bits, cb, bounds, step, threa
     for i1 in range(0, cols, step):
         i2 = min(i1 + step, cols)
         torch.set_num_threads(1)
-        W1, E1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1)
+        W1, E1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, device=W.device)
         for j in range(i2 - i1):
             col = i1 + j
             if col % QK == 0:
-                blk = W1[:, j:j + QK].numpy()
+                blk = W1[:, j:j + QK].cpu().numpy()  # the block's scale: pack.assign, in numpy
                 _, db = assign(blk, bits, cb, bounds, hdiag[col:col + QK], starts=pack.GPTQ_SCALE_STARTS)
                 d[:, col // QK] = db[:, 0]
-                scale = torch.as_tensor(db[:, 0].astype(np.float32))
+                scale = torch.as_tensor(db[:, 0].astype(np.float32)).to(W.device)
                 div = torch.where(scale != 0, scale, torch.ones_like(scale))  # as pack.nearest_codeword divides
             x = W1[:, j]
             p = (x[:, None] / div[:, None] > mid).sum(1)         # nearest codeword; ties to the lower, as assign

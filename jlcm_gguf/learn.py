@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .distributed import device, float64_device
 from .format import QK
 
 MAPPINGS = ("proximal", "plain", "off")
@@ -373,16 +374,18 @@ def refit_codebooks(w, pos, dx, c, grp, H, ridge: float = 1e-6, chunk: int = 256
     (linear in c: one K x K system per group); a ridge towards the old c keeps unused codewords where they were."""
     g_n, k = c.shape
     cols = w.shape[1]
-    A = torch.zeros(g_n, k, k, dtype=torch.float64)
-    b = torch.zeros(g_n, k, dtype=torch.float64)
+    dev = float64_device()  # the systems' sums (float64)
+    A = torch.zeros(g_n, k, k, dtype=torch.float64, device=dev)
+    b = torch.zeros(g_n, k, dtype=torch.float64, device=dev)
+    grp_a = grp.to(dev)
     for r0 in range(0, w.shape[0], chunk):
         D = torch.nn.functional.one_hot(pos[r0:r0 + chunk], k).float() * dx[r0:r0 + chunk, :, None]  # [r, cols, K]
         HD = (H @ D.permute(1, 0, 2).reshape(cols, -1)).view(cols, -1, k).permute(1, 0, 2)
-        A.index_add_(0, grp[r0:r0 + chunk], torch.bmm(D.transpose(1, 2), HD).double())
-        b.index_add_(0, grp[r0:r0 + chunk], torch.einsum("rjk,rj->rk", D, w[r0:r0 + chunk] @ H).double())
+        A.index_add_(0, grp_a[r0:r0 + chunk], torch.bmm(D.transpose(1, 2), HD).to(dev).double())
+        b.index_add_(0, grp_a[r0:r0 + chunk], torch.einsum("rjk,rj->rk", D, w[r0:r0 + chunk] @ H).to(dev).double())
     lam = ridge * A.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)[:, None]
-    eye = torch.eye(k, dtype=torch.float64)
-    return torch.linalg.solve(A + lam[:, :, None] * eye, b + lam * c.double()).float()
+    eye = torch.eye(k, dtype=torch.float64, device=dev)
+    return torch.linalg.solve(A + lam[:, :, None] * eye, b + lam * c.to(dev).double()).float().to(w.device)
 
 
 BATCHED_SOLVE_MAX = 128
@@ -392,7 +395,7 @@ def solve_systems(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """torch.linalg.solve of a batch of systems A [n, k, k], B [n, k]. torch 2.13's batched CPU solve (MKL) fails
     ("Pivots given to lu_solve must all be greater or equal to 1") or never returns for k of about 150 and more
     (a 7B's ffn_down has 172 scales per row): those systems are solved one at a time, the same LAPACK calls."""
-    if A.shape[-1] <= BATCHED_SOLVE_MAX:
+    if A.shape[-1] <= BATCHED_SOLVE_MAX or A.device.type != "cpu":
         return torch.linalg.solve(A, B)
     return torch.stack([torch.linalg.solve(a, b) for a, b in zip(A, B)])
 
@@ -404,18 +407,19 @@ def refit_scales(w, cv, d, H, ridge: float = 1e-6, chunk: int = 512) -> torch.Te
     rows, cols = w.shape
     nb = cols // QK
     wH = w @ H
+    dev = float64_device()  # the systems (float64)
     out = []
     for r0 in range(0, rows, chunk):
         r = slice(r0, min(r0 + chunk, rows))
-        S = torch.empty(r.stop - r0, nb, nb, dtype=torch.float64)
+        S = torch.empty(r.stop - r0, nb, nb, dtype=torch.float64, device=dev)
         for blk in range(nb):
             sl = slice(blk * QK, (blk + 1) * QK)
             hv = (cv[r, sl] @ H[sl, :]) * cv[r]                   # [rows, cols]: (H V_r)[:, blk], weighted by v
-            S[:, :, blk] = hv.view(-1, nb, QK).sum(2).double()
-        t = (cv[r] * wH[r]).view(-1, nb, QK).sum(2).double()
+            S[:, :, blk] = hv.view(-1, nb, QK).sum(2).to(dev).double()
+        t = (cv[r] * wH[r]).view(-1, nb, QK).sum(2).to(dev).double()
         lam = ridge * S.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)[:, None]
-        S += lam[:, :, None] * torch.eye(nb, dtype=torch.float64)
-        out.append(solve_systems(S, t + lam * d[r].double()).float())
+        S += lam[:, :, None] * torch.eye(nb, dtype=torch.float64, device=dev)
+        out.append(solve_systems(S, t + lam * d[r].to(dev).double()).float().to(w.device))
     return torch.cat(out)
 
 
@@ -432,7 +436,7 @@ def mapping_sweep(w, pos, dx, c, grp, H, plain: bool = False, step: int = 128) -
     G = E @ H                                                    # d/dE of tr(E H E^T) / 2
     del E
     hd = torch.diagonal(H)
-    offsets = torch.arange(k) if plain else torch.tensor([-1, 1])
+    offsets = (torch.arange(k) if plain else torch.tensor([-1, 1])).to(w.device)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thousands of small ops: threads only add overhead (as in gptq.assign_gptq)
     try:
@@ -447,7 +451,7 @@ def _sweep_columns(pos, G, H, hd, dx, cg, offsets, plain, step) -> None:
     k = cg.shape[1]
     for i1 in range(0, cols, step):
         i2 = min(i1 + step, cols)
-        dE = torch.zeros(rows, i2 - i1)
+        dE = torch.zeros(rows, i2 - i1, device=G.device)
         for j in range(i1, i2):
             p = pos[:, j]
             cand = (offsets.expand(rows, -1) if plain else p[:, None] + offsets[None, :]).clamp(0, k - 1)
@@ -477,41 +481,46 @@ def learn_layer(w: np.ndarray, idx: np.ndarray, d: np.ndarray, cb: np.ndarray, b
     if mappings not in MAPPINGS:
         raise ValueError(f"mappings must be one of {MAPPINGS}, not {mappings!r}")
     rows, cols = w.shape
+    dev = device()
     grp_np = group_of_rows(bounds, rows)
-    grp = torch.as_tensor(grp_np)
+    grp = torch.as_tensor(grp_np).to(dev)
     H = np.asarray(H, dtype=np.float32)
     Ht = (1 - shrink) * H   # + shrink diag(H), added in place (a 7B's ffn_down H is 0.5 GB in float32)
     diagonal = np.arange(cols)
     Ht[diagonal, diagonal] += shrink * np.diag(H)
     del H
-    Ht = torch.as_tensor(Ht)
-    W = torch.as_tensor(np.asarray(w, dtype=np.float32)).clone()
+    Ht = torch.as_tensor(Ht).to(dev)
+    W = torch.as_tensor(np.asarray(w, dtype=np.float32)).to(dev, copy=True)
     W[:, torch.diagonal(Ht) <= 0] = 0          # as GPTQ: columns no input reaches
     order = np.argsort(cb, axis=1, kind="stable")                # work on sorted codebooks and sorted positions
     cb8 = np.take_along_axis(np.asarray(cb, np.int8), order, axis=1)
-    pos = torch.as_tensor(np.take_along_axis(np.argsort(order, axis=1)[grp_np], idx.astype(np.int64), axis=1))
+    pos = torch.as_tensor(np.take_along_axis(np.argsort(order, axis=1)[grp_np], idx.astype(np.int64), axis=1)).to(dev)
     d16 = np.asarray(d, np.float16)
 
+    def on(a):  # a numpy array as a float32 tensor on the compute device
+        return torch.as_tensor(np.asarray(a, np.float32)).to(dev)
+
     def value(pos_, d16_, cb8_):
-        cv = torch.as_tensor(cb8_.astype(np.float32))[grp].gather(1, pos_)
-        return torch.as_tensor(d16_.astype(np.float32)).repeat_interleave(QK, dim=1) * cv
+        cv = on(cb8_)[grp].gather(1, pos_)
+        return on(d16_).repeat_interleave(QK, dim=1) * cv
 
     loss = before = layer_loss(W, value(pos, d16, cb8), Ht)
     start = pos.to(torch.uint8)  # (positions < 16; int64 would be 0.36 GB for a 7B's ffn matrix)
     label = np.broadcast_to(np.arange(cb8.shape[1]), cb8.shape)    # the starting position of each codeword
     for _ in range(rounds):
-        dx = torch.as_tensor(d16.astype(np.float32)).repeat_interleave(QK, dim=1)
-        c = refit_codebooks(W, pos, dx, torch.as_tensor(cb8.astype(np.float32)), grp, Ht).numpy()
+        dx = on(d16).repeat_interleave(QK, dim=1)
+        c = refit_codebooks(W, pos, dx, on(cb8), grp, Ht).cpu().numpy()
         del dx  # (each [rows, cols] working array of a 7B's ffn matrix is 0.2-0.4 GB: none kept past its use)
         m = np.abs(c).max(axis=1)
         m = np.where(m > 0, m, 1)
         c8 = np.round(c / m[:, None] * 127).clip(-127, 127).astype(np.int8)
         srt = np.argsort(c8, axis=1, kind="stable")                 # a refit may reorder codewords: re-sort
         c8 = np.take_along_axis(c8, srt, axis=1)
-        pos_t = torch.as_tensor(np.argsort(srt, axis=1))[grp].gather(1, pos)
-        cv = torch.as_tensor(c8.astype(np.float32))[grp].gather(1, pos_t)
-        d_new = refit_scales(W, cv, torch.as_tensor(d16.astype(np.float32) * (m / 127)[grp_np, None]), Ht)
-        d_new = d_new.numpy().astype(np.float16)
+        pos_t = torch.as_tensor(np.argsort(srt, axis=1)).to(dev)[grp].gather(1, pos)
+        cv = on(c8)[grp].gather(1, pos_t)
+        d_start = torch.as_tensor(d16.astype(np.float32) * (m / 127)[grp_np, None]).to(dev)
+        d_new = refit_scales(W, cv, d_start, Ht)
+        d_new = d_new.cpu().numpy().astype(np.float16)
         del cv
         trial = layer_loss(W, value(pos_t, d_new, c8), Ht)
         if trial < loss:
@@ -520,13 +529,13 @@ def learn_layer(w: np.ndarray, idx: np.ndarray, d: np.ndarray, cb: np.ndarray, b
         del pos_t
         if mappings == "off":
             continue
-        dx = torch.as_tensor(d16.astype(np.float32)).repeat_interleave(QK, dim=1)
-        new = mapping_sweep(W, pos, dx, torch.as_tensor(cb8.astype(np.float32)), grp, Ht, plain=mappings == "plain")
+        dx = on(d16).repeat_interleave(QK, dim=1)
+        new = mapping_sweep(W, pos, dx, on(cb8), grp, Ht, plain=mappings == "plain")
         del dx
         trial = layer_loss(W, value(new, d16, cb8), Ht)
         if trial < loss:
             pos, loss = new, trial
         del new
-    changed = int((torch.as_tensor(label)[grp].gather(1, pos) != start).sum())
+    changed = int((torch.as_tensor(label).to(dev)[grp].gather(1, pos) != start).sum())
     # sorted positions are the stored indices of the sorted codebooks
-    return pos.numpy().astype(np.uint8), d16, cb8, LayerStats(before, loss, changed, idx.size)
+    return pos.cpu().numpy().astype(np.uint8), d16, cb8, LayerStats(before, loss, changed, idx.size)

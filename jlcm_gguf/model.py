@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import distributed as D
+
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -47,9 +49,8 @@ class Hparams:
 
 
 def t(x) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64 if x.dtype == np.float64 else np.float32))
+    """A weight as a torch tensor on the compute device (--device: distributed.select_device)."""
+    return D.to_device(x)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -66,7 +67,8 @@ def rope_angles(seq: int, hp: Hparams, freq_factors=None, swa: bool = False) -> 
     i = torch.arange(0, hd // 2, dtype=torch.float64)
     theta = (hp.rope_base_swa if swa else hp.rope_base) ** (-2 * i / hd)
     if freq_factors is not None:
-        theta = theta / t(freq_factors).double()
+        theta = theta / (freq_factors.cpu() if isinstance(freq_factors, torch.Tensor)
+                         else torch.from_numpy(np.asarray(freq_factors, dtype=np.float64))).double()
     extrap = torch.arange(seq, dtype=torch.float64)[:, None] * theta[None, :]
     angle, mscale = extrap, 1.0
     if swa:
@@ -87,7 +89,7 @@ def rope(x: torch.Tensor, hp: Hparams, freq_factors=None, swa: bool = False) -> 
     """x: [..., seq, heads, head_dim]."""
     seq, hd = x.shape[-3], x.shape[-1]
     cos, sin = rope_angles(seq, hp, freq_factors, swa)
-    cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]
+    cos, sin = cos.to(x)[:, None, :], sin.to(x)[:, None, :]  # (computed in float64 on the CPU)
     if hp.rope_neox:
         x0, x1 = x[..., : hd // 2], x[..., hd // 2:]
         return torch.cat([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
@@ -109,11 +111,11 @@ class InputMoments:
         self.sums: dict[str, torch.Tensor] = {}
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
-        s = x.double().pow(2).reshape(-1, x.shape[-1]).sum(0)
+        s = x.to(D.float64_device()).double().pow(2).reshape(-1, x.shape[-1]).sum(0)
         self.sums[name] = self.sums[name] + s if name in self.sums else s
 
     def means(self, count: int) -> dict[str, np.ndarray]:
-        return {k: (v / count).numpy() for k, v in self.sums.items()}
+        return {k: (v / count).cpu().numpy() for k, v in self.sums.items()}
 
 
 class InputHessians(InputMoments):
@@ -131,7 +133,7 @@ class InputHessians(InputMoments):
             self.full[name] = self.full[self._last[1]]
             return
         x2 = x.reshape(-1, x.shape[-1]).float()
-        s = x2.T @ x2  # float32 products of one batch, summed over batches in float64
+        s = (x2.T @ x2).to(D.float64_device())  # float32 products of one batch, summed over batches in float64
         if name not in self.full:
             self.full[name] = s.double()
         else:  # in place, a slice at a time (casting the whole product would take 1 GB more for a 7B's ffn_down)
@@ -146,7 +148,7 @@ class InputHessians(InputMoments):
         with torch.inference_mode():  # (the sums are inference tensors)
             for v in self.full.values():
                 if id(v) not in done:
-                    done[id(v)] = v.div_(count).numpy()
+                    done[id(v)] = v.div_(count).cpu().numpy()
         return {k: done[id(v)] for k, v in self.full.items()}
 
 
@@ -180,7 +182,7 @@ def block_forward(x: torch.Tensor, tensors: dict, bid: int, hp: Hparams, observe
     seq = x.shape[-2]
     mask = None
     if swa:  # causal, and a key at most swa_window - 1 positions back (llama.cpp's LLAMA_SWA_TYPE_STANDARD)
-        pos = torch.arange(seq)
+        pos = torch.arange(seq, device=x.device)
         back = pos[:, None] - pos[None, :]
         mask = (back >= 0) & (back < hp.swa_window)
     o = torch.nn.functional.scaled_dot_product_attention(q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2),
@@ -215,7 +217,8 @@ def blocks_forward(xs: list, tensors: dict, bid: int, hp: Hparams, observe=None,
 
 
 def embed(tokens, tensors: dict, hp: Hparams) -> torch.Tensor:
-    x = t(tensors["token_embd.weight"])[torch.as_tensor(tokens, dtype=torch.long)]
+    w = t(tensors["token_embd.weight"])
+    x = w[torch.as_tensor(tokens, dtype=torch.long).to(w.device)]
     return x if hp.embd_scale == 1.0 else x * hp.embd_scale
 
 

@@ -129,7 +129,7 @@ def fisher_marginals(tensors: dict, hp, tokens: np.ndarray, names, seed: int,
     cols: dict[str, torch.Tensor] = {}
 
     def add(name: str, g: torch.Tensor) -> None:
-        g2 = g.double().pow(2)
+        g2 = g.to(D.float64_device()).double().pow(2)
         r, c = g2.sum(1), g2.sum(0)
         rows[name], cols[name] = (rows[name] + r, cols[name] + c) if name in rows else (r, c)
 
@@ -151,7 +151,8 @@ def fisher_marginals(tensors: dict, hp, tokens: np.ndarray, names, seed: int,
         x = xs[-1].clone().requires_grad_()
         t_head, leaves = with_leaves([out_name])
         logits = M.head(x, t_head, hp)
-        labels = torch.multinomial(torch.softmax(logits.detach().double(), -1), 1, generator=gen)[:, 0]
+        labels = torch.multinomial(torch.softmax(logits.detach().cpu().double(), -1), 1,  # the CPU's generator
+                                   generator=gen)[:, 0].to(logits.device)
         torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
         g_out, gy = leaves[out_name].grad, x.grad
         del logits, t_head, leaves
@@ -164,8 +165,8 @@ def fisher_marginals(tensors: dict, hp, tokens: np.ndarray, names, seed: int,
                     add(k, leaf.grad)
             gy = x.grad
             del t_blk, leaves
-        g_embd = torch.zeros(tensors["token_embd.weight"].shape, dtype=torch.float32)
-        g_embd.index_add_(0, seq, gy)
+        g_embd = torch.zeros(tensors["token_embd.weight"].shape, dtype=torch.float32, device=gy.device)
+        g_embd.index_add_(0, seq.to(gy.device), gy)
         if out_name == "token_embd.weight":  # tied: one tensor, both uses
             g_embd += g_out
         elif out_name in wanted:
@@ -173,7 +174,7 @@ def fisher_marginals(tensors: dict, hp, tokens: np.ndarray, names, seed: int,
         if "token_embd.weight" in wanted:
             add("token_embd.weight", g_embd)
         del g_embd, g_out, xs
-    return {k: (rows[k].numpy(), cols[k].numpy()) for k in rows}
+    return {k: (rows[k].cpu().numpy(), cols[k].cpu().numpy()) for k in rows}
 
 
 def fisher_error(w: np.ndarray, q: np.ndarray, marginals: tuple[np.ndarray, np.ndarray]) -> float:
@@ -236,7 +237,7 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
             count += len(seq)
             if keep:
                 inputs.append(xs)
-        ref = [torch.log_softmax(M.head(xs[-1], tensors, hp).double(), -1) for xs in inputs]
+        ref = [torch.log_softmax(M.head(xs[-1], tensors, hp).to(D.float64_device()).double(), -1) for xs in inputs]
     from .imatrix import apply_imatrix
     h = apply_imatrix(moments.means(count), imatrix)
 
@@ -258,7 +259,7 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
                     bid, x = hp.n_layer, xs[-1]
                 for b in range(bid, hp.n_layer):
                     x = M.block_forward(x, t, b, hp)
-                lq = torch.log_softmax(M.head(x, t, hp).double(), -1)
+                lq = torch.log_softmax(M.head(x, t, hp).to(D.float64_device()).double(), -1)
                 total += float((lp.exp() * (lp - lq)).sum(-1).mean())
         return total / len(kl_tokens)
 

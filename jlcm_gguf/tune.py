@@ -42,8 +42,17 @@ log = logging.getLogger("jlcm-tune")
 
 def _float_params(tensors: dict) -> dict:
     """The float tensors that stay float and take part: norms and biases."""
-    return {n: torch.tensor(np.asarray(v, np.float32), requires_grad=True) for n, v in tensors.items()
+    return {n: torch.tensor(np.asarray(v, np.float32), device=D.device(), requires_grad=True) for n, v in tensors.items()
             if n.endswith("norm.weight") or n.endswith(".bias")}
+
+
+def _fits_on_device(*tensor_dicts) -> bool:
+    """Whether float32 copies of these tensors take at most half of the GPU's free memory (never on the CPU, where
+    they stay streamed from the checkpoint; nor on MPS, which does not say)."""
+    if D.device().type != "cuda":
+        return False
+    need = 4 * sum(int(np.prod(np.shape(v))) for d in tensor_dicts for v in d.values())
+    return need <= torch.cuda.mem_get_info(D.device())[0] // 2
 
 
 def _save(path: Path, key: str, done: int, state: dict) -> None:
@@ -69,7 +78,7 @@ def _restore(path: Path, key: str, state: dict) -> int:
     """Loads a state saved by _save under the same key into `state`; returns the steps done (0: none found)."""
     if not path.exists():
         return 0
-    blob = torch.load(path, weights_only=False)
+    blob = torch.load(path, map_location="cpu", weights_only=False)
     if blob["key"] != key:
         log.warning("ignoring %s: saved by a tuning run with other settings", path)
         return 0
@@ -119,7 +128,8 @@ def sampled_fisher_grads(logits: torch.Tensor, inputs: list[torch.Tensor], gen: 
     squares estimate the Fisher information, which for a softmax output equals the Gauss-Newton curvature of the KL
     (the KL's own gradient vanishes as the student nears the teacher: its square would not)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    drawn = torch.multinomial(logp.detach().exp().reshape(-1, logp.shape[-1]), 1, generator=gen)
+    # drawn on the CPU: the generator is the CPU's (the same draws on every device)
+    drawn = torch.multinomial(logp.detach().exp().reshape(-1, logp.shape[-1]).cpu(), 1, generator=gen).to(logp.device)
     nll = -logp.reshape(-1, logp.shape[-1]).gather(1, drawn).mean()
     return torch.autograd.grad(nll, inputs)
 
@@ -169,10 +179,12 @@ def tune_end_to_end(tensors: dict, jlcm: dict, standard: dict, kinds: dict, hp, 
     for n, s in jlcm.items():
         cols = tensors[n].shape[1]
         idx, d = unpack_blocks(s["packed"], s["bits"], cols)
-        p = make_param(n, idx, d, np.asarray(s["codebooks"]).reshape(-1, 1 << s["bits"]), s["bounds"])
+        p = make_param(n, idx, d, np.asarray(s["codebooks"]).reshape(-1, 1 << s["bits"]), s["bounds"],
+                       device=D.device())
         p.u.requires_grad_(mappings != "off")
         params[n] = p
-    inverse = {n: torch.as_tensor(np.argsort(s["perm"])) for n, s in jlcm.items() if s.get("perm") is not None}
+    inverse = {n: torch.as_tensor(np.argsort(s["perm"])).to(D.device()) for n, s in jlcm.items()
+               if s.get("perm") is not None}
     n_indices = sum(p.u.numel() for p in params.values())
     floats = _float_params(tensors)
     fixed = {n: v for n, v in tensors.items() if n not in jlcm and n not in floats}
@@ -196,7 +208,10 @@ def tune_end_to_end(tensors: dict, jlcm: dict, standard: dict, kinds: dict, hp, 
     teacher = dict(tensors)
     for n, inv in inverse.items():
         if n not in ("token_embd.weight", "output.weight"):
-            teacher[n] = np.asarray(tensors[n])[inv.numpy()]
+            teacher[n] = np.asarray(tensors[n])[inv.cpu().numpy()]
+    if _fits_on_device(fixed, teacher):  # uploaded once, not at every forward pass (on the CPU they stay streamed)
+        fixed = {n: M.t(v) for n, v in fixed.items()}
+        teacher = {n: M.t(v) for n, v in teacher.items()}
 
     def teacher_logp(tok):
         with torch.no_grad():
@@ -205,7 +220,7 @@ def tune_end_to_end(tensors: dict, jlcm: dict, standard: dict, kinds: dict, hp, 
     def held_out_kl() -> float:  # (with several processes, each takes its share of the windows)
         with torch.no_grad():
             total = sum((kl(student(test[i:i + 1]), teacher_logp(test[i:i + 1])) for i in D.share(len(test))),
-                        torch.zeros(()))
+                        torch.zeros((), device=D.device()))
             D.all_reduce_([total])
             return float(total / len(test))
 
@@ -235,7 +250,7 @@ def tune_end_to_end(tensors: dict, jlcm: dict, standard: dict, kinds: dict, hp, 
         opt.zero_grad()
         for p in params.values():
             p.u.grad = None
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=D.device())
         if len(tok):
             target = teacher_logp(tok)
             logits = student(tok)
@@ -298,7 +313,7 @@ def tune_end_to_end(tensors: dict, jlcm: dict, standard: dict, kinds: dict, hp, 
             jlcm[n]["packed"] = pack_blocks(idx, d, jlcm[n]["bits"])
             jlcm[n]["codebooks"] = cb8
         for n, v in floats.items():
-            tensors[n] = v.detach().numpy().astype(np.float32)
+            tensors[n] = v.detach().cpu().numpy().astype(np.float32)
     log.info("end-to-end tuning: held-out KL %.4f -> %.4f (%s), %d steps, indices changed %d of %d (%.3f%%, "
              "mappings %s), %.0f s", before, after, "kept" if kept else "not kept", steps, changed, n_indices,
              100 * changed / max(1, n_indices), mappings, time.time() - t0)

@@ -17,7 +17,7 @@ from jlcm_gguf.convert import embedding_type
 SMALL = ["--groups", "4", "--nsamples", "2", "--seqlen", "32", "--tune-steps", "0", "--threads", "2"]
 RESEARCH = ["--variant", "--rounding", "--learn-steps", "--no-learn", "--learn-mappings", "--learn-loss",
             "--tune-mappings", "--tune-mapping-confidence", "--plan-error", "--rotate"]
-USER = ["--outfile", "--outtype", "--dry-run", "--target-size", "--target-bpw", "--plan", "--token-embedding-type",
+USER = ["--outfile", "--outtype", "--dry-run", "--device", "--target-size", "--target-bpw", "--plan", "--token-embedding-type",
         "--output-tensor-type", "--embd-type", "--tensor-type", "--imatrix", "--calib", "--nsamples", "--resume", "--threads",
         "--report"]
 

@@ -363,15 +363,18 @@ class LayerStats:
     weights: int
 
 
-def layer_loss(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor) -> float:
-    """tr((W - Wq) H (W - Wq)^T) / tr(W H W^T)."""
+def layer_loss(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor, scale: torch.Tensor | None = None) -> float:
+    """tr((W - Wq) H (W - Wq)^T) / tr(W H W^T) (scale: tr(W H W^T), if known)."""
     e = w - wq
-    return float(((e @ H) * e).sum() / ((w @ H) * w).sum().clamp_min(1e-30))
+    if scale is None:
+        scale = ((w @ H) * w).sum()
+    return float(((e @ H) * e).sum() / scale.clamp_min(1e-30))
 
 
-def refit_codebooks(w, pos, dx, c, grp, H, ridge: float = 1e-6, chunk: int = 256) -> torch.Tensor:
+def refit_codebooks(w, pos, dx, c, grp, H, ridge: float = 1e-6, chunk: int = 256, wH=None) -> torch.Tensor:
     """Codebooks c [groups, K] minimising tr((W - Wq) H (W - Wq)^T) for Wq[r, j] = dx[r, j] * c[grp[r], pos[r, j]]
-    (linear in c: one K x K system per group); a ridge towards the old c keeps unused codewords where they were."""
+    (linear in c: one K x K system per group); a ridge towards the old c keeps unused codewords where they were.
+    wH: W @ H, if known."""
     g_n, k = c.shape
     cols = w.shape[1]
     dev = float64_device()  # the systems' sums (float64)
@@ -382,7 +385,8 @@ def refit_codebooks(w, pos, dx, c, grp, H, ridge: float = 1e-6, chunk: int = 256
         D = torch.nn.functional.one_hot(pos[r0:r0 + chunk], k).float() * dx[r0:r0 + chunk, :, None]  # [r, cols, K]
         HD = (H @ D.permute(1, 0, 2).reshape(cols, -1)).view(cols, -1, k).permute(1, 0, 2)
         A.index_add_(0, grp_a[r0:r0 + chunk], torch.bmm(D.transpose(1, 2), HD).to(dev).double())
-        b.index_add_(0, grp_a[r0:r0 + chunk], torch.einsum("rjk,rj->rk", D, w[r0:r0 + chunk] @ H).to(dev).double())
+        wh = w[r0:r0 + chunk] @ H if wH is None else wH[r0:r0 + chunk]
+        b.index_add_(0, grp_a[r0:r0 + chunk], torch.einsum("rjk,rj->rk", D, wh).to(dev).double())
     lam = ridge * A.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)[:, None]
     eye = torch.eye(k, dtype=torch.float64, device=dev)
     return torch.linalg.solve(A + lam[:, :, None] * eye, b + lam * c.to(dev).double()).float().to(w.device)
@@ -400,13 +404,13 @@ def solve_systems(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.linalg.solve(a, b) for a, b in zip(A, B)])
 
 
-def refit_scales(w, cv, d, H, ridge: float = 1e-6, chunk: int = 512) -> torch.Tensor:
+def refit_scales(w, cv, d, H, ridge: float = 1e-6, chunk: int = 512, wH=None) -> torch.Tensor:
     """Block scales d [rows, cols/64] minimising the same error for Wq[r, j] = d[r, j // 64] * cv[r, j] (one
     (cols/64)-sized system per row: the blocks of a row interact through H). Rows are solved `chunk` at a time:
-    a 7B's ffn_down has 4096 systems of 172 x 172 (1 GB in float64 at once)."""
+    a 7B's ffn_down has 4096 systems of 172 x 172 (1 GB in float64 at once). wH: W @ H, if known."""
     rows, cols = w.shape
     nb = cols // QK
-    wH = w @ H
+    wH = w @ H if wH is None else wH
     dev = float64_device()  # the systems (float64)
     out = []
     for r0 in range(0, rows, chunk):
@@ -426,8 +430,9 @@ def refit_scales(w, cv, d, H, ridge: float = 1e-6, chunk: int = 512) -> torch.Te
 def mapping_sweep(w, pos, dx, c, grp, H, plain: bool = False, step: int = 128) -> torch.Tensor:
     """One sweep of exact coordinate descent on the indices (sorted positions pos [rows, cols], codebooks c sorted):
     column by column, each weight takes the codeword that lowers tr(E H E^T) most given all other weights, among its
-    two neighbours (or all codewords if plain); the error gradient G = E H follows every move (within a batch of
-    `step` columns at once, beyond it by one product per batch, as GPTQ's lazy updates). Never raises the error."""
+    two neighbours (or all codewords if plain); the error gradient G = E H follows every move in the columns still to
+    come (within a batch of `step` columns at once, beyond it by one product per batch, as GPTQ's lazy updates; the
+    columns passed are never read again). Never raises the error."""
     rows, cols = w.shape
     k = c.shape[1]
     cg = c[grp]                                                  # [rows, K]
@@ -440,31 +445,35 @@ def mapping_sweep(w, pos, dx, c, grp, H, plain: bool = False, step: int = 128) -
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thousands of small ops: threads only add overhead (as in gptq.assign_gptq)
     try:
-        _sweep_columns(pos, G, H, hd, dx, cg, offsets, plain, step)
+        _sweep_columns(pos, G, H, hd, dx, cg, offsets, plain, step, threads)
     finally:
         torch.set_num_threads(threads)
     return pos
 
 
-def _sweep_columns(pos, G, H, hd, dx, cg, offsets, plain, step) -> None:
+def _sweep_columns(pos, G, H, hd, dx, cg, offsets, plain, step, threads: int) -> None:
+    """Columns in batches of `step`, on one thread; a move updates G only where the sweep has still to look (the
+    batch's later columns, then the later batches in one matrix product on all threads, as gptq._round_columns)."""
     rows, cols = pos.shape
     k = cg.shape[1]
     for i1 in range(0, cols, step):
         i2 = min(i1 + step, cols)
         dE = torch.zeros(rows, i2 - i1, device=G.device)
+        G1 = G[:, i1:i2].clone()  # the batch's columns, contiguous
         for j in range(i1, i2):
             p = pos[:, j]
             cand = (offsets.expand(rows, -1) if plain else p[:, None] + offsets[None, :]).clamp(0, k - 1)
             delta = dx[:, j, None] * (cg.gather(1, cand) - cg.gather(1, p[:, None]))   # weight change of each move
-            gain = -2 * delta * G[:, j, None] + delta.pow(2) * hd[j]    # loss change: E_j -> E_j - delta
+            gain = -2 * delta * G1[:, j - i1, None] + delta.pow(2) * hd[j]    # loss change: E_j -> E_j - delta
             best, arg = gain.min(1)
             move = best < 0
             dj = torch.where(move, delta.gather(1, arg[:, None])[:, 0], torch.zeros_like(best))
             pos[:, j] = torch.where(move, cand.gather(1, arg[:, None])[:, 0], p)
-            G[:, i1:i2] -= dj[:, None] * H[j, i1:i2][None, :]
+            G1[:, j + 1 - i1:] -= dj[:, None] * H[j, j + 1:i2][None, :]
             dE[:, j - i1] = dj
+        torch.set_num_threads(threads)
         G[:, i2:] -= dE @ H[i1:i2, i2:]
-        G[:, :i1] -= dE @ H[i1:i2, :i1]
+        torch.set_num_threads(1)
 
 
 def learn_layer(w: np.ndarray, idx: np.ndarray, d: np.ndarray, cb: np.ndarray, bounds: np.ndarray, H: np.ndarray,
@@ -504,12 +513,14 @@ def learn_layer(w: np.ndarray, idx: np.ndarray, d: np.ndarray, cb: np.ndarray, b
         cv = on(cb8_)[grp].gather(1, pos_)
         return on(d16_).repeat_interleave(QK, dim=1) * cv
 
-    loss = before = layer_loss(W, value(pos, d16, cb8), Ht)
+    WH = W @ Ht  # kept: every refit and loss below reads it (4 products of W's size a round fewer)
+    scale = (WH * W).sum()
+    loss = before = layer_loss(W, value(pos, d16, cb8), Ht, scale)
     start = pos.to(torch.uint8)  # (positions < 16; int64 would be 0.36 GB for a 7B's ffn matrix)
     label = np.broadcast_to(np.arange(cb8.shape[1]), cb8.shape)    # the starting position of each codeword
     for _ in range(rounds):
         dx = on(d16).repeat_interleave(QK, dim=1)
-        c = refit_codebooks(W, pos, dx, on(cb8), grp, Ht).cpu().numpy()
+        c = refit_codebooks(W, pos, dx, on(cb8), grp, Ht, wH=WH).cpu().numpy()
         del dx  # (each [rows, cols] working array of a 7B's ffn matrix is 0.2-0.4 GB: none kept past its use)
         m = np.abs(c).max(axis=1)
         m = np.where(m > 0, m, 1)
@@ -519,10 +530,10 @@ def learn_layer(w: np.ndarray, idx: np.ndarray, d: np.ndarray, cb: np.ndarray, b
         pos_t = torch.as_tensor(np.argsort(srt, axis=1)).to(dev)[grp].gather(1, pos)
         cv = on(c8)[grp].gather(1, pos_t)
         d_start = torch.as_tensor(d16.astype(np.float32) * (m / 127)[grp_np, None]).to(dev)
-        d_new = refit_scales(W, cv, d_start, Ht)
+        d_new = refit_scales(W, cv, d_start, Ht, wH=WH)
         d_new = d_new.cpu().numpy().astype(np.float16)
         del cv
-        trial = layer_loss(W, value(pos_t, d_new, c8), Ht)
+        trial = layer_loss(W, value(pos_t, d_new, c8), Ht, scale)
         if trial < loss:
             pos, d16, cb8, loss = pos_t, d_new, c8, trial
             label = np.take_along_axis(label, srt, axis=1)
@@ -532,7 +543,7 @@ def learn_layer(w: np.ndarray, idx: np.ndarray, d: np.ndarray, cb: np.ndarray, b
         dx = on(d16).repeat_interleave(QK, dim=1)
         new = mapping_sweep(W, pos, dx, on(cb8), grp, Ht, plain=mappings == "plain")
         del dx
-        trial = layer_loss(W, value(new, d16, cb8), Ht)
+        trial = layer_loss(W, value(new, d16, cb8), Ht, scale)
         if trial < loss:
             pos, loss = new, trial
         del new

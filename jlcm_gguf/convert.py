@@ -689,7 +689,8 @@ def plan_kinds(instance, order: list[str], tensors: dict, hp: Hparams, tokens: n
     log.info("plan: %s; the file will take %s bytes%s",
              ", ".join(f"{100 * c / total:.0f}% of the matrices' weights as {k}" for k, c in count.items() if c),
              f"{size:,}", f" (target {target:,})" if target else "")
-    if opt.save_plan:
+    from . import distributed as D
+    if opt.save_plan and D.is_main():  # (with several processes, process 0's)
         P.save_plan(opt.save_plan, kinds, {"target_bytes": target, "predicted_bytes": size,
                                            "planned_budget": target - fixed if options else None}, options,
                     plan_gptq_kinds(opt), scores_digest(opt, tokens))

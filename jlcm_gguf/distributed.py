@@ -11,8 +11,10 @@ objects). Every process runs the whole conversion on the same inputs, and shares
   the others (owners, share_results);
 - end-to-end tuning: each step's windows are split and the gradients all-reduced (sums in another order: the
   tuned file equals one process's up to float rounding; tests/test_distributed.py).
-Block-wise learning (--learn-steps) and plan scoring run whole in every process. Process 0 writes the file, the
-checkpoint and the report. A single process (no torchrun) runs exactly the code it always ran.
+- plan scoring (a size budget): each matrix's options are scored by one process; the calibration moments and the
+  --fast Fisher windows are summed over the processes' shares.
+Block-wise learning (--learn-steps) runs whole in every process, and process 0's result goes to all (as its plan).
+Process 0 writes the file, the checkpoint, the report and --save-plan. A single process (no torchrun) runs exactly the code it always ran.
 
 The compute device (--device, select_device) is here too: each process computes on one, process N on a machine
 of several GPUs on cuda:LOCAL_RANK. Tensors the steps hand to numpy (packing, k-means, the file) come back to the

@@ -124,14 +124,15 @@ def fisher_marginals(tensors: dict, hp, tokens: np.ndarray, names, seed: int,
 
     from . import model as M
 
-    wanted = set(names)
-    rows: dict[str, torch.Tensor] = {}
-    cols: dict[str, torch.Tensor] = {}
+    wanted = sorted(set(names))
+    acc = D.float64_device()
+    rows = {k: torch.zeros(np.shape(tensors[k])[0], dtype=torch.float64, device=acc) for k in wanted}
+    cols = {k: torch.zeros(np.shape(tensors[k])[1], dtype=torch.float64, device=acc) for k in wanted}
 
     def add(name: str, g: torch.Tensor) -> None:
-        g2 = g.to(D.float64_device()).double().pow(2)
-        r, c = g2.sum(1), g2.sum(0)
-        rows[name], cols[name] = (rows[name] + r, cols[name] + c) if name in rows else (r, c)
+        g2 = g.to(acc).double().pow(2)
+        rows[name] += g2.sum(1)
+        cols[name] += g2.sum(0)
 
     def with_leaves(keys):
         leaves = {k: M.t(tensors[k]).float().clone().requires_grad_() for k in keys if k in tensors}
@@ -139,11 +140,11 @@ def fisher_marginals(tensors: dict, hp, tokens: np.ndarray, names, seed: int,
 
     from tqdm import tqdm
 
-    gen = torch.Generator().manual_seed(seed)
     out_name = "output.weight" if "output.weight" in tensors else "token_embd.weight"
-    for seq in tqdm(tokens[:windows], desc="Fisher information", unit="window",
-                    disable=not D.is_main()):
-        seq = torch.as_tensor(np.asarray(seq), dtype=torch.long)
+    mine = D.share(min(windows, len(tokens)))  # with several processes, this one's windows; the sums all-reduced
+    for i in tqdm(mine, desc="Fisher information", unit="window", disable=not D.is_main()):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # each window's labels, wherever it is computed
+        seq = torch.as_tensor(np.asarray(tokens[i]), dtype=torch.long)
         with torch.no_grad():
             xs = [M.embed(seq, tensors, hp)]
             for bid in range(hp.n_layer):
@@ -174,7 +175,8 @@ def fisher_marginals(tensors: dict, hp, tokens: np.ndarray, names, seed: int,
         if "token_embd.weight" in wanted:
             add("token_embd.weight", g_embd)
         del g_embd, g_out, xs
-    return {k: (rows[k].cpu().numpy(), cols[k].cpu().numpy()) for k in rows}
+    D.all_reduce_([rows[k] for k in wanted] + [cols[k] for k in wanted])
+    return {k: (rows[k].cpu().numpy(), cols[k].cpu().numpy()) for k in wanted}
 
 
 def fisher_error(w: np.ndarray, q: np.ndarray, marginals: tuple[np.ndarray, np.ndarray]) -> float:
@@ -221,22 +223,27 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
     from . import model as M
 
     moments = M.InputMoments()
-    count = 0
+    count = sum(len(seq) for seq in tokens)
     inputs: list[list[torch.Tensor]] = []  # float input of each block, for the KL windows
     kl_tokens = tokens[:kl_windows]
+    mine = set(D.share(len(tokens)))  # with several processes, the windows whose moments this one sums
     with torch.inference_mode():
         for s, seq in enumerate(tokens):
+            keep = not fast and s < len(kl_tokens)  # (every process runs the KL windows)
+            if s not in mine and not keep:
+                continue
+            observe = moments if s in mine else None
             x = M.embed(seq, tensors, hp)
-            keep = not fast and s < len(kl_tokens)
             xs = [x] if keep else None
             for bid in range(hp.n_layer):
-                x = M.block_forward(x, tensors, bid, hp, moments)
+                x = M.block_forward(x, tensors, bid, hp, observe)
                 if keep:
                     xs.append(x)
-            moments("output", M.rms_norm(x, M.t(tensors["output_norm.weight"]), hp.rms_eps))
-            count += len(seq)
+            if observe:
+                moments("output", M.rms_norm(x, M.t(tensors["output_norm.weight"]), hp.rms_eps))
             if keep:
                 inputs.append(xs)
+        D.reduce_moments(moments)
         ref = [torch.log_softmax(M.head(xs[-1], tensors, hp).to(D.float64_device()).double(), -1) for xs in inputs]
     from .imatrix import apply_imatrix
     h = apply_imatrix(moments.means(count), imatrix)
@@ -271,15 +278,20 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
     hessians = BlockHessians(tensors, hp, tokens, imatrix) if gptq_kinds else None
     options: dict[str, list[Option]] = {}
     rng = np.random.default_rng(seed)
+    # with several processes each tensor is scored by one, the largest first to the least loaded (the row samples
+    # are drawn for all in every process: the same draws as one process makes)
+    owner = D.owners({n: int(np.prod(np.shape(tensors[n]))) for n in sorted(layout, key=natural_order)})
     for name in tqdm(sorted(layout, key=natural_order), desc="scoring kinds", unit="tensor",
                      disable=not D.is_main()):
-        w = np.asarray(tensors[name], dtype=np.float32)
-        rows_all = w.shape[0]
         sample = None
         if fast:  # errors of a row sample drawn by Fisher information (fisher_sample)
             sample = fisher_sample(marginals[name][0], rng)
-            if sample is not None:
-                w = w[sample]
+        if owner[name] != D.rank():
+            continue
+        w = np.asarray(tensors[name], dtype=np.float32)
+        rows_all = w.shape[0]
+        if sample is not None:
+            w = w[sample]
         n_groups, stored = layout[name]
         kinds = [k for k in choices if applicable(k, w.shape[1])]
         grouping = group_rows(row_profiles(w, h_of(name)), n_groups, seed)
@@ -299,4 +311,4 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
         scale = max(kl, 0.0) / max(anchor, 1e-30)
         options[name] = [Option(k, choice_bytes(k, rows_all, w.shape[1], n_groups, stored), errs[k] * scale)
                          for k in kinds]
-    return options
+    return D.share_results(options, owner)

@@ -104,6 +104,27 @@ def test_two_processes_tune_with_all_reduced_gradients(tiny, tmp_path):
     assert np.abs(la - lb).max() < 1e-3 * (la.max() - la.min()), np.abs(la - lb).max()
 
 
+@pytest.mark.parametrize("scorer", ["measured", "fast"])
+def test_two_processes_score_the_plan_as_one(tiny, tmp_path, scorer):
+    """A size budget's scoring split between the processes (each matrix scored by one; the calibration moments and,
+    with --fast, the Fisher windows summed over both): the scores of one process within float rounding, the same
+    plan and file types."""
+    import json
+    extra = ["--target-bpw", "4", "--tune-steps", "0", "--layer-rounds", "0"] + (["--fast"] if scorer == "fast" else [])
+    plans, files = {}, {}
+    for label, cmd in (("one", SINGLE), ("two", TORCHRUN)):
+        plans[label], files[label] = tmp_path / f"{label}.json", tmp_path / f"{label}.gguf"
+        convert(cmd, tiny, files[label], "--save-plan", plans[label], *extra)
+    one, two = (json.loads(plans[k].read_text()) for k in ("one", "two"))
+    assert one["options"].keys() == two["options"].keys() and len(one["options"]) > 10
+    for name, opts in one["options"].items():
+        assert [o[:2] for o in opts] == [o[:2] for o in two["options"][name]], name
+        np.testing.assert_allclose([o[2] for o in opts], [o[2] for o in two["options"][name]], rtol=1e-6, err_msg=name)
+    assert one["tensors"] == two["tensors"] and len(set(one["tensors"].values())) > 1
+    a, b = tensors(files["one"]), tensors(files["two"])
+    assert {n: t for n, (t, _) in a.items()} == {n: t for n, (t, _) in b.items()}
+
+
 def test_too_few_windows_for_the_processes_is_one_clear_error(tiny, tmp_path):
     res = run(TORCHRUN + [tiny, "--outfile", tmp_path / "x.gguf", "--nsamples", "8", "--seqlen", "64",
                           "--threads", "1"], cwd=ROOT, timeout=600)

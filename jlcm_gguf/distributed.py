@@ -12,7 +12,8 @@ objects). Every process runs the whole conversion on the same inputs, and shares
 - end-to-end tuning: each step's windows are split and the gradients all-reduced (sums in another order: the
   tuned file equals one process's up to float rounding; tests/test_distributed.py).
 - plan scoring (a size budget): each matrix's options are scored by one process; the calibration moments and the
-  --fast Fisher windows are summed over the processes' shares.
+  --fast Fisher windows are summed over the processes' shares (--plan-error rounding's block Hessians are not:
+  every process computes them).
 Block-wise learning (--learn-steps) runs whole in every process, and process 0's result goes to all (as its plan).
 Process 0 writes the file, the checkpoint, the report and --save-plan. A single process (no torchrun) runs exactly the code it always ran.
 

@@ -239,7 +239,7 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
                 x = M.block_forward(x, tensors, bid, hp, observe)
                 if keep:
                     xs.append(x)
-            if observe:
+            if observe is not None:
                 moments("output", M.rms_norm(x, M.t(tensors["output_norm.weight"]), hp.rms_eps))
             if keep:
                 inputs.append(xs)

@@ -110,13 +110,11 @@ class Checkpoint:
     def restore(self, jlcm: dict, tensors: dict, standard: dict, report: list | None = None) -> tuple[int, list, list | None]:
         """Loads the finished blocks into jlcm, tensors, standard and (their learning reports) report; returns
         (blocks done, x_q, x_f or None)."""
-        import torch
-
         from . import distributed as D
         with np.load(self.dir / "state.npz") as z:
             done = int(z["done"])
-            x_q = [D.to_device(torch.from_numpy(x)) for x in z["x_q"]]
-            x_f = [D.to_device(torch.from_numpy(x)) for x in z["x_f"]] if "x_f" in z else None
+            x_q = [D.to_device(x) for x in z["x_q"]]
+            x_f = [D.to_device(x) for x in z["x_f"]] if "x_f" in z else None
         for bid in range(done):
             with np.load(self.dir / f"block-{bid:03d}.npz") as z:
                 for key in z.files:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import distributed as D
 from . import format as F
 from .blocks import plan_gptq_kinds
 from .model import LINEARS, Hparams
@@ -332,7 +333,6 @@ def convert(opt: Options) -> dict:
     from .report import layer_learning_totals, learning_totals, write_report
     from .write import write_gguf
 
-    from . import distributed as D
     from .source import return_freed_memory
     t0 = time.time()
     return_freed_memory()
@@ -689,7 +689,6 @@ def plan_kinds(instance, order: list[str], tensors: dict, hp: Hparams, tokens: n
     log.info("plan: %s; the file will take %s bytes%s",
              ", ".join(f"{100 * c / total:.0f}% of the matrices' weights as {k}" for k, c in count.items() if c),
              f"{size:,}", f" (target {target:,})" if target else "")
-    from . import distributed as D
     if opt.save_plan and D.is_main():  # (with several processes, process 0's)
         P.save_plan(opt.save_plan, kinds, {"target_bytes": target, "predicted_bytes": size,
                                            "planned_budget": target - fixed if options else None}, options,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .distributed import device, float64_device
+from .distributed import device, float64_device, to_device
 from .format import QK
 
 MAPPINGS = ("proximal", "plain", "off")
@@ -506,12 +506,9 @@ def learn_layer(w: np.ndarray, idx: np.ndarray, d: np.ndarray, cb: np.ndarray, b
     pos = torch.as_tensor(np.take_along_axis(np.argsort(order, axis=1)[grp_np], idx.astype(np.int64), axis=1)).to(dev)
     d16 = np.asarray(d, np.float16)
 
-    def on(a):  # a numpy array as a float32 tensor on the compute device
-        return torch.as_tensor(np.asarray(a, np.float32)).to(dev)
-
     def value(pos_, d16_, cb8_):
-        cv = on(cb8_)[grp].gather(1, pos_)
-        return on(d16_).repeat_interleave(QK, dim=1) * cv
+        cv = to_device(cb8_)[grp].gather(1, pos_)
+        return to_device(d16_).repeat_interleave(QK, dim=1) * cv
 
     WH = W @ Ht  # kept: every refit and loss below reads it (4 products of W's size a round fewer)
     scale = (WH * W).sum()
@@ -519,8 +516,8 @@ def learn_layer(w: np.ndarray, idx: np.ndarray, d: np.ndarray, cb: np.ndarray, b
     start = pos.to(torch.uint8)  # (positions < 16; int64 would be 0.36 GB for a 7B's ffn matrix)
     label = np.broadcast_to(np.arange(cb8.shape[1]), cb8.shape)    # the starting position of each codeword
     for _ in range(rounds):
-        dx = on(d16).repeat_interleave(QK, dim=1)
-        c = refit_codebooks(W, pos, dx, on(cb8), grp, Ht, wH=WH).cpu().numpy()
+        dx = to_device(d16).repeat_interleave(QK, dim=1)
+        c = refit_codebooks(W, pos, dx, to_device(cb8), grp, Ht, wH=WH).cpu().numpy()
         del dx  # (each [rows, cols] working array of a 7B's ffn matrix is 0.2-0.4 GB: none kept past its use)
         m = np.abs(c).max(axis=1)
         m = np.where(m > 0, m, 1)
@@ -528,9 +525,8 @@ def learn_layer(w: np.ndarray, idx: np.ndarray, d: np.ndarray, cb: np.ndarray, b
         srt = np.argsort(c8, axis=1, kind="stable")                 # a refit may reorder codewords: re-sort
         c8 = np.take_along_axis(c8, srt, axis=1)
         pos_t = torch.as_tensor(np.argsort(srt, axis=1)).to(dev)[grp].gather(1, pos)
-        cv = on(c8)[grp].gather(1, pos_t)
-        d_start = torch.as_tensor(d16.astype(np.float32) * (m / 127)[grp_np, None]).to(dev)
-        d_new = refit_scales(W, cv, d_start, Ht, wH=WH)
+        cv = to_device(c8)[grp].gather(1, pos_t)
+        d_new = refit_scales(W, cv, to_device(d16.astype(np.float32) * (m / 127)[grp_np, None]), Ht, wH=WH)
         d_new = d_new.cpu().numpy().astype(np.float16)
         del cv
         trial = layer_loss(W, value(pos_t, d_new, c8), Ht, scale)
@@ -540,8 +536,8 @@ def learn_layer(w: np.ndarray, idx: np.ndarray, d: np.ndarray, cb: np.ndarray, b
         del pos_t
         if mappings == "off":
             continue
-        dx = on(d16).repeat_interleave(QK, dim=1)
-        new = mapping_sweep(W, pos, dx, on(cb8), grp, Ht, plain=mappings == "plain")
+        dx = to_device(d16).repeat_interleave(QK, dim=1)
+        new = mapping_sweep(W, pos, dx, to_device(cb8), grp, Ht, plain=mappings == "plain")
         del dx
         trial = layer_loss(W, value(new, d16, cb8), Ht, scale)
         if trial < loss:

@@ -408,3 +408,25 @@ def test_block_layouts_script_fits_its_own_grids():
     assert mod.fit_blocks(d * cv, c, affine=False) < 1e-20
     assert mod.fit_blocks(d * cv + m, c, affine=True) < 1e-9 * float(((d * cv + m) ** 2).sum())
     assert mod.fit_blocks(d * cv + m, c, affine=False) > 1e-2 * float(((d * cv + m) ** 2).sum())
+
+
+def test_each_process_scores_only_its_own_matrices(smollm2_float, monkeypatch):
+    """With several torchrun processes, score_options scores each matrix in one process (distributed.owners) and
+    gathers the rest (share_results): seen here as process 1 of 2, whose share is scored alike by one process."""
+    from jlcm_gguf import distributed as D
+    tensors, _, hp = smollm2_float
+    names = [f"blk.0.{n}.weight" for n in ("attn_q", "attn_k", "attn_v", "ffn_up")]
+    tokens = np.random.default_rng(0).integers(0, 49152, size=(4, 32))
+    layout = {n: (4, True) for n in names}
+    alone = S.score_options(tensors, hp, tokens, layout, 4, "codebooks", 0)
+    gathered = {}
+    monkeypatch.setattr(D, "size", lambda: 2)
+    monkeypatch.setattr(D, "rank", lambda: 1)
+    # every window observed here and nothing to add (the moments' split is test_distributed's): only the matrices split
+    monkeypatch.setattr(D, "share", lambda n, batch=1: list(range(n)))
+    monkeypatch.setattr(D, "all_reduce_", lambda tensors: None)
+    monkeypatch.setattr(D, "share_results", lambda results, owner: gathered.update(results) or results)
+    mine = S.score_options(tensors, hp, tokens, layout, 4, "codebooks", 0)
+    owner = D.owners({n: tensors[n].size for n in sorted(layout, key=S.natural_order)})
+    assert set(mine) == set(gathered) == {n for n in names if owner[n] == 1} and 0 < len(mine) < len(names)
+    assert all(mine[n] == alone[n] for n in mine)

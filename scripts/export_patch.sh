@@ -19,4 +19,5 @@ series 0005-tests-jlcm-types.patch tests
 series 0006-gguf-py-jlcm-types.patch gguf-py
 series 0007-gguf-shape-check-as-ggml.patch ggml/src/gguf.cpp
 series 0008-ggml-backends-jlcm-stays-with-companions.patch ggml/src/ggml-backend.cpp ggml/src/ggml-blas ggml/src/ggml-rpc
+series 0009-ggml-vulkan-jlcm-kernels.patch ggml/src/ggml-vulkan
 ls -1 "$out"/*.patch

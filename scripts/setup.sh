@@ -22,6 +22,10 @@ command -v qemu-aarch64 >/dev/null || need_pkgs+=(qemu-user)
 # OpenBLAS, for the BLAS build the tests compare against (build-blas)
 [ -f /usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h ] || [ -f /usr/include/openblas/cblas.h ] || \
     compgen -G "/usr/include/*/openblas*/cblas.h" >/dev/null || need_pkgs+=(libopenblas-dev pkg-config)
+# Vulkan headers, the shader compiler and Mesa's lavapipe (a software Vulkan device), for build-vulkan
+command -v glslc >/dev/null || need_pkgs+=(glslc)
+[ -f /usr/include/vulkan/vulkan.h ] || need_pkgs+=(libvulkan-dev)
+compgen -G "/usr/share/vulkan/icd.d/lvp_icd*.json" >/dev/null || need_pkgs+=(mesa-vulkan-drivers)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
@@ -62,6 +66,14 @@ cmake -S . -B build-blas -DJLCM_LLAMA_SOURCE_DIR="$LLAMA" -DGGML_BLAS=ON -DGGML_
     >build/blas-configure.log 2>&1 || { tail -30 build/blas-configure.log; exit 1; }
 cmake --build build-blas -j"$JOBS" --target llama-perplexity test-backend-ops >build/blas-build.log 2>&1 || {
     tail -50 build/blas-build.log; exit 1; }
+
+# the same tree with the Vulkan backend (its JLCM kernels run on lavapipe here; ~10 min the first time, most of it
+# compiling the shaders)
+log "building llama.cpp with -DGGML_VULKAN=ON into build-vulkan"
+cmake -S . -B build-vulkan -DJLCM_LLAMA_SOURCE_DIR="$LLAMA" -DGGML_VULKAN=ON \
+    >build/vulkan-configure.log 2>&1 || { tail -30 build/vulkan-configure.log; exit 1; }
+cmake --build build-vulkan -j"$JOBS" --target llama-perplexity test-backend-ops >build/vulkan-build.log 2>&1 || {
+    tail -50 build/vulkan-build.log; exit 1; }
 
 log "building the unpatched GGUF reader (tests check that stock ggml refuses JLCM files)"
 STOCK=$("$VPY" scripts/fetch_llama.py --stock)

@@ -79,6 +79,16 @@ def small(smollm2, tmp_path_factory) -> Path:
     return small_model(smollm2, tmp_path_factory.mktemp("smollm2-small") / "m", SMALL_LAYERS)
 
 
+@pytest.fixture(scope="session")
+def converted(small, tmp_path_factory) -> tuple[Path, dict]:
+    """The SmolLM2 blocks of `small` converted at 2 bits (8 groups, 4 calibration windows of 128 tokens): the file and
+    the conversion's summary (test_convert checks it; test_vulkan runs it in the Vulkan build)."""
+    from jlcm_gguf.convert import Options, convert
+    out = tmp_path_factory.mktemp("conv") / "smollm2-jlcm2.gguf"
+    summary = convert(Options(model=small, outfile=out, bits=2, groups=8, nsamples=4, seqlen=128))
+    return out, summary
+
+
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path

@@ -174,13 +174,6 @@ def test_short_calibration_text_one_clear_error(smollm2, tmp_path):
     assert not list(tmp_path.glob("out.gguf*"))
 
 
-@pytest.fixture(scope="module")
-def converted(small, tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("conv") / "smollm2-jlcm2.gguf"
-    summary = convert(Options(model=small, outfile=out, bits=2, groups=8, nsamples=4, seqlen=128))
-    return out, summary
-
-
 def test_conversion_is_deterministic(small, converted, tmp_path):
     path, _ = converted
     again = tmp_path / "again.gguf"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import BUILD_DIR, ROOT, run, tool
-from tiny_llama import make_pair
+from tiny_llama import make_moe, make_pair
 
 PROMPT = b"The quick brown fox jumps over the lazy dog. " * 8
 PYPI_GGUF = ("gguf==0.19.0", "gguf-0.19.0-py3-none-any.whl")
@@ -46,6 +46,16 @@ def test_logits_match_dequantized_f32(tiny):
     rel = np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b ** 2))
     assert rel <= 2e-2, f"relative RMS logit error {rel:.4f}"
     assert np.array_equal(a.argmax(1), b.argmax(1)), "top-1 token differs"
+
+
+def test_moe_logits_match_dequantized_f32(tmp_path):
+    """Mixture-of-experts weights (3-D JLCM2 with group codebooks per expert) go through MUL_MAT_ID: the same logits
+    as the dequantized F32 twin, as the dense tiny model."""
+    jlcm, f32 = make_moe(tmp_path)
+    a, b = llama_logits(jlcm), llama_logits(f32)
+    rel = np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b ** 2))
+    assert rel <= 2e-2, f"relative RMS logit error {rel:.4f}"
+    assert np.mean(a.argmax(1) == b.argmax(1)) >= 0.95, "top-1 tokens differ"
 
 
 def test_logit_check_sees_a_wrong_dequantization(tiny, tmp_path):

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
 
-from jlcm_gguf.format import FTYPE_IDS, KEY_BITS, KEY_FORMAT_VERSION, KEY_GROUPS, FORMAT_VERSION
+from jlcm_gguf.format import (BLOCK_BYTES, FTYPE_IDS, KEY_BITS, KEY_FORMAT_VERSION, KEY_GROUPS, FORMAT_VERSION, SUFFIX_BOUNDS,
+                              SUFFIX_CB)
 from jlcm_gguf.pack import dequantize, group_of_rows, quantize_to_codebooks
 from jlcm_gguf.write import add_jlcm_tensor
 
@@ -140,6 +141,102 @@ def make_pair(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
     write_model(paths[0], reader, jlcm, FTYPE_IDS[2])
     write_model(paths[1], reader, f32, int(LlamaFileType.ALL_F32))
     return paths
+
+
+def write_dequantized(src: Path, dst: Path) -> None:
+    """Writes src with every JLCM weight dequantized to F32 by the Python reference (original row order, no
+    companions) and everything else copied: the exact-arithmetic twin of a converted file."""
+    from jlcm_gguf.format import SUFFIX_PERM
+    from jlcm_gguf.read import read_jlcm
+    reader = GGUFReader(str(src))
+    jlcm = read_jlcm(src)
+    writer = GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    copy_metadata(reader, writer)
+    for t in reader.tensors:
+        if t.name.rsplit(".", 1)[-1] in (SUFFIX_CB, SUFFIX_BOUNDS, SUFFIX_PERM):
+            continue
+        if t.name in jlcm:
+            w = jlcm[t.name]
+            experts = [w.dequantize(e) for e in range(w.packed.shape[0])]
+            writer.add_tensor(t.name, experts[0] if len(experts) == 1 else np.stack(experts))
+        else:
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+N_EXPERT, N_EXPERT_USED = 4, 2
+
+
+def make_moe(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Writes tiny-moe-jlcm.gguf and tiny-moe-f32.gguf (the same weights, dequantized): the tiny Llama with a
+    mixture of N_EXPERT experts in place of each block's feed-forward (the Mixtral layout llama.cpp reads as
+    `llama`). The experts' weights are 3-D JLCM2 tensors with group codebooks and bounds per expert, so MUL_MAT_ID
+    multiplies them; everything else is F32."""
+    reader = GGUFReader(str(vocab_gguf()))
+    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].contents())
+    rng = np.random.default_rng(seed + 1)
+    tensors = {}
+    for name, w in random_weights(n_vocab, seed).items():
+        if ".ffn_" not in name or name.endswith("ffn_norm.weight"):
+            tensors[name] = w
+    for i in range(N_LAYER):
+        p = f"blk.{i}."
+        tensors[p + "ffn_gate_inp.weight"] = (rng.standard_normal((N_EXPERT, N_EMBD)) * 0.1).astype(np.float32)
+        for kind, (rows, cols, std) in {"gate": (N_FF, N_EMBD, 0.1), "up": (N_FF, N_EMBD, 0.1),
+                                        "down": (N_EMBD, N_FF, 0.07)}.items():
+            packed, cbs, bounds_all = [], [], []
+            bounds = np.linspace(0, rows, 5).astype(np.int32)[1:]
+            for _ in range(N_EXPERT):
+                w = (rng.standard_normal((rows, cols)) * std * rng.uniform(0.5, 1.5, size=(rows, 1))).astype(np.float32)
+                cb = quantile_codebooks(w, 2, bounds)
+                packed.append(quantize_to_codebooks(w, 2, cb, bounds))
+                cbs.append(cb)
+                bounds_all.append(bounds)
+            tensors[p + f"ffn_{kind}_exps.weight"] = (np.stack(packed), np.stack(cbs), np.stack(bounds_all))
+    paths = out_dir / "tiny-moe-jlcm.gguf", out_dir / "tiny-moe-f32.gguf"
+    for path in paths:
+        _write_moe(path, reader, tensors, dequantized=path == paths[1])
+    return paths
+
+
+def _write_moe(path: Path, reader: GGUFReader, tensors: dict, dequantized: bool) -> None:
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-moe-jlcm-test")
+    writer.add_block_count(N_LAYER)
+    writer.add_context_length(256)
+    writer.add_embedding_length(N_EMBD)
+    writer.add_feed_forward_length(N_FF)
+    writer.add_head_count(N_HEAD)
+    writer.add_head_count_kv(N_HEAD_KV)
+    writer.add_rope_dimension_count(N_EMBD // N_HEAD)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_expert_count(N_EXPERT)
+    writer.add_expert_used_count(N_EXPERT_USED)
+    writer.add_file_type(int(LlamaFileType.ALL_F32) if dequantized else FTYPE_IDS[2])
+    copy_tokenizer(reader, writer)
+    for name, t in tensors.items():
+        if isinstance(t, np.ndarray):
+            writer.add_tensor(name, t)
+            continue
+        packed, cb, bounds = t
+        if dequantized:
+            cols = packed.shape[2] // BLOCK_BYTES[2] * 64
+            writer.add_tensor(name, np.stack([dequantize(p, 2, cols, c, b, None) for p, c, b in zip(packed, cb, bounds)]))
+            continue
+        writer.add_tensor(name, packed, raw_dtype=GGMLQuantizationType.JLCM2)
+        writer.add_tensor(f"{name}.{SUFFIX_CB}", cb)
+        writer.add_tensor(f"{name}.{SUFFIX_BOUNDS}", bounds)
+    if not dequantized:
+        writer.add_uint32(KEY_FORMAT_VERSION, FORMAT_VERSION)
+        writer.add_uint32(KEY_BITS, 2)
+        writer.add_uint32(KEY_GROUPS, 4)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 if __name__ == "__main__":

@@ -86,9 +86,10 @@ def quantile_codebooks(w: np.ndarray, bits: int, bounds: np.ndarray) -> np.ndarr
     return cb
 
 
-def write_model(path: Path, reader: GGUFReader, tensors: dict, ftype: int) -> None:
+def tiny_writer(path: Path, name: str) -> GGUFWriter:
+    """A GGUFWriter with the tiny Llama's hyperparameters."""
     writer = GGUFWriter(str(path), "llama")
-    writer.add_name("tiny-jlcm-test")
+    writer.add_name(name)
     writer.add_block_count(N_LAYER)
     writer.add_context_length(256)
     writer.add_embedding_length(N_EMBD)
@@ -97,6 +98,11 @@ def write_model(path: Path, reader: GGUFReader, tensors: dict, ftype: int) -> No
     writer.add_head_count_kv(N_HEAD_KV)
     writer.add_rope_dimension_count(N_EMBD // N_HEAD)
     writer.add_layer_norm_rms_eps(1e-5)
+    return writer
+
+
+def write_model(path: Path, reader: GGUFReader, tensors: dict, ftype: int) -> None:
+    writer = tiny_writer(path, "tiny-jlcm-test")
     writer.add_file_type(ftype)
     copy_tokenizer(reader, writer)
     for name, spec in tensors.items():
@@ -203,16 +209,7 @@ def make_moe(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
 
 
 def _write_moe(path: Path, reader: GGUFReader, tensors: dict, dequantized: bool) -> None:
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_name("tiny-moe-jlcm-test")
-    writer.add_block_count(N_LAYER)
-    writer.add_context_length(256)
-    writer.add_embedding_length(N_EMBD)
-    writer.add_feed_forward_length(N_FF)
-    writer.add_head_count(N_HEAD)
-    writer.add_head_count_kv(N_HEAD_KV)
-    writer.add_rope_dimension_count(N_EMBD // N_HEAD)
-    writer.add_layer_norm_rms_eps(1e-5)
+    writer = tiny_writer(path, "tiny-moe-jlcm-test")
     writer.add_expert_count(N_EXPERT)
     writer.add_expert_used_count(N_EXPERT_USED)
     writer.add_file_type(int(LlamaFileType.ALL_F32) if dequantized else FTYPE_IDS[2])

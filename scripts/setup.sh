@@ -3,29 +3,41 @@
 # system packages, .venv with pinned Python dependencies, the patched llama.cpp (tools, tests and shared
 # libraries in build/bin), the patched gguf-py, llama-cpp-python 0.3.36+jlcm on top of those same
 # libraries, and this project.
+# With --tests (scripts/test.sh), also what only the tests use: the OpenBLAS and Vulkan builds of the same tree
+# (build-blas, build-vulkan), the unpatched GGUF reader (build-stock), the cross compilers, qemu-user and libFuzzer.
 set -euo pipefail
+TESTS=0
+case "${1:-}" in
+    --tests) TESTS=1 ;;
+    "") ;;
+    *) echo "usage: $0 [--tests]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+export CCACHE_BASEDIR=$ROOT  # paths inside the checkout hash as relative ones: another clone's builds hit the cache
 PY=${PYTHON:-python3}
 JOBS=${JOBS:-$(nproc)}
 
 log() { printf '\n== %s\n' "$*" >&2; }
 
 need_pkgs=()
-for p in ccache patch cmake clang; do command -v "$p" >/dev/null || need_pkgs+=("$p"); done
+for p in ccache patch cmake; do command -v "$p" >/dev/null || need_pkgs+=("$p"); done
 command -v g++ >/dev/null || need_pkgs+=(build-essential)
-# libFuzzer's runtime, for the fuzz harness (scripts/fuzz.py)
-compgen -G "/usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-*.a" >/dev/null || need_pkgs+=(libclang-rt-14-dev)
-# the aarch64 cross compilers and qemu-user, for the NEON kernel tests (scripts/cross_kernels.py)
-command -v aarch64-linux-gnu-g++ >/dev/null || need_pkgs+=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)
-command -v qemu-aarch64 >/dev/null || need_pkgs+=(qemu-user)
-# OpenBLAS, for the BLAS build the tests compare against (build-blas)
-[ -f /usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h ] || [ -f /usr/include/openblas/cblas.h ] || \
-    compgen -G "/usr/include/*/openblas*/cblas.h" >/dev/null || need_pkgs+=(libopenblas-dev pkg-config)
-# Vulkan headers, the shader compiler and Mesa's lavapipe (a software Vulkan device), for build-vulkan
-command -v glslc >/dev/null || need_pkgs+=(glslc)
-[ -f /usr/include/vulkan/vulkan.h ] || need_pkgs+=(libvulkan-dev)
-compgen -G "/usr/share/vulkan/icd.d/lvp_icd*.json" >/dev/null || need_pkgs+=(mesa-vulkan-drivers)
+if [ $TESTS = 1 ]; then
+    command -v clang >/dev/null || need_pkgs+=(clang)
+    # libFuzzer's runtime, for the fuzz harness (scripts/fuzz.py)
+    compgen -G "/usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-*.a" >/dev/null || need_pkgs+=(libclang-rt-14-dev)
+    # the aarch64 cross compilers and qemu-user, for the NEON kernel tests (scripts/cross_kernels.py)
+    command -v aarch64-linux-gnu-g++ >/dev/null || need_pkgs+=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)
+    command -v qemu-aarch64 >/dev/null || need_pkgs+=(qemu-user)
+    # OpenBLAS, for the BLAS build the tests compare against (build-blas)
+    [ -f /usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h ] || [ -f /usr/include/openblas/cblas.h ] || \
+        compgen -G "/usr/include/*/openblas*/cblas.h" >/dev/null || need_pkgs+=(libopenblas-dev pkg-config)
+    # Vulkan headers, the shader compiler and Mesa's lavapipe (a software Vulkan device), for build-vulkan
+    command -v glslc >/dev/null || need_pkgs+=(glslc)
+    [ -f /usr/include/vulkan/vulkan.h ] || need_pkgs+=(libvulkan-dev)
+    compgen -G "/usr/share/vulkan/icd.d/lvp_icd*.json" >/dev/null || need_pkgs+=(mesa-vulkan-drivers)
+fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
@@ -59,28 +71,39 @@ cmake --build build -j"$JOBS" --target llama-cli llama-completion llama-perplexi
     llama-imatrix llama-server llama-export-lora ggml-rpc-server test-quantize-fns test-backend-ops jlcm-kernel-check jlcm-offload-check \
     >build/cmake-build.log 2>&1 || { tail -50 build/cmake-build.log; exit 1; }
 
-# the same tree with OpenBLAS (what macOS's Accelerate and many Linux builds do): BLAS claims large matmuls, and
-# the tests check it leaves JLCM weights to the CPU backend (ccache makes this cheap after the build above)
-log "building llama.cpp with -DGGML_BLAS=ON (OpenBLAS) into build-blas"
-cmake -S . -B build-blas -DJLCM_LLAMA_SOURCE_DIR="$LLAMA" -DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS \
-    >build/blas-configure.log 2>&1 || { tail -30 build/blas-configure.log; exit 1; }
-cmake --build build-blas -j"$JOBS" --target llama-perplexity test-backend-ops >build/blas-build.log 2>&1 || {
-    tail -50 build/blas-build.log; exit 1; }
+if [ $TESTS = 1 ]; then
+    # the same tree with OpenBLAS (what macOS's Accelerate and many Linux builds do): BLAS claims large matmuls, and
+    # the tests check it leaves JLCM weights to the CPU backend (ccache makes this cheap after the build above)
+    log "building llama.cpp with -DGGML_BLAS=ON (OpenBLAS) into build-blas"
+    cmake -S . -B build-blas -DJLCM_LLAMA_SOURCE_DIR="$LLAMA" -DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS \
+        >build/blas-configure.log 2>&1 || { tail -30 build/blas-configure.log; exit 1; }
+    cmake --build build-blas -j"$JOBS" --target llama-perplexity test-backend-ops >build/blas-build.log 2>&1 || {
+        tail -50 build/blas-build.log; exit 1; }
 
-# the same tree with the Vulkan backend (its JLCM kernels run on lavapipe here; ~10 min the first time, most of it
-# compiling the shaders)
-log "building llama.cpp with -DGGML_VULKAN=ON into build-vulkan"
-cmake -S . -B build-vulkan -DJLCM_LLAMA_SOURCE_DIR="$LLAMA" -DGGML_VULKAN=ON \
-    >build/vulkan-configure.log 2>&1 || { tail -30 build/vulkan-configure.log; exit 1; }
-cmake --build build-vulkan -j"$JOBS" --target llama-perplexity test-backend-ops >build/vulkan-build.log 2>&1 || {
-    tail -50 build/vulkan-build.log; exit 1; }
+    # the same tree with the Vulkan backend (its JLCM kernels run on lavapipe here). Its ~1100 shaders take ~10 min
+    # to compile on 2 cores and ccache does not cache glslc, so the build lives beside the patched tree in the cache,
+    # one per patch series, and build-vulkan links to it: another clone on this machine (CI's) finds it built.
+    VK_BUILD=$(dirname "$SDIST")/build-vulkan-$(cat "$SDIST/.jlcm-patched")
+    for old in "$(dirname "$SDIST")"/build-vulkan-*; do [ "$old" = "$VK_BUILD" ] || rm -rf "$old"; done
+    [ -L build-vulkan ] || rm -rf build-vulkan
+    ln -sfn "$VK_BUILD" build-vulkan
+    log "building llama.cpp with -DGGML_VULKAN=ON into $VK_BUILD (build-vulkan)"
+    NO_AMX=; [ "$(uname -m)" = x86_64 ] && NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # as CMakeLists.txt
+    cmake -S "$LLAMA" -B "$VK_BUILD" -DGGML_VULKAN=ON -DGGML_CCACHE=ON -DCMAKE_BUILD_TYPE=Release \
+        -DLLAMA_BUILD_TESTS=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+        -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" >build/vulkan-configure.log 2>&1 || {
+        tail -30 build/vulkan-configure.log; exit 1; }
+    cmake --build "$VK_BUILD" -j"$JOBS" --target llama-perplexity test-backend-ops >build/vulkan-build.log 2>&1 || {
+        tail -50 build/vulkan-build.log; exit 1; }
 
-log "building the unpatched GGUF reader (tests check that stock ggml refuses JLCM files)"
-STOCK=$("$VPY" scripts/fetch_llama.py --stock)
-cmake -S tests/c/stock -B build-stock -DSTOCK_GGML_DIR="$STOCK/vendor/llama.cpp/ggml" -DCMAKE_BUILD_TYPE=Release \
-    >build/stock-configure.log 2>&1 || { tail -30 build/stock-configure.log; exit 1; }
-cmake --build build-stock -j"$JOBS" --target gguf-stock-check >build/stock-build.log 2>&1 || {
-    tail -30 build/stock-build.log; exit 1; }
+    log "building the unpatched GGUF reader (tests check that stock ggml refuses JLCM files)"
+    STOCK=$("$VPY" scripts/fetch_llama.py --stock)
+    cmake -S tests/c/stock -B build-stock -DSTOCK_GGML_DIR="$STOCK/vendor/llama.cpp/ggml" -DCMAKE_BUILD_TYPE=Release \
+        >build/stock-configure.log 2>&1 || { tail -30 build/stock-configure.log; exit 1; }
+    cmake --build build-stock -j"$JOBS" --target gguf-stock-check >build/stock-build.log 2>&1 || {
+        tail -30 build/stock-build.log; exit 1; }
+fi
 
 stamp=$(cat "$SDIST/.jlcm-patched")
 if [ "$("$VPY" -c 'import gguf.constants as c; print(hasattr(c.GGMLQuantizationType, "JLCM2"))' 2>/dev/null)" != True ] \

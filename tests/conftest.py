@@ -89,6 +89,21 @@ def converted(small, tmp_path_factory) -> tuple[Path, dict]:
     return out, summary
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny JLCM Llama (grouped codebooks, permuted rows) and its F32 twin (tiny_llama.make_pair)."""
+    from tiny_llama import make_pair
+    return make_pair(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def text(tmp_path_factory) -> Path:
+    """A short English text file for perplexity runs of the tiny models."""
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. A stitch in time saves nine. " * 40)
+    return path
+
+
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path

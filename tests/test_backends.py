@@ -3,7 +3,7 @@
 A JLCM weight decodes through companion tensors linked in its src[]; a generic path that dequantizes rows with
 the type's to_float (BLAS), or copies the weight to another backend (op offload, RPC), would silently use the
 default codebook. These tests run the tiny JLCM Llama (grouped codebooks, permuted rows) through:
-- the OpenBLAS build (build-blas, made by scripts/setup.sh), with a batch large enough for BLAS to claim matmuls;
+- the OpenBLAS build (build-blas, made by scripts/setup.sh --tests), with a batch large enough for BLAS to claim matmuls;
 - an RPC build: rpc-server on 127.0.0.1, `--rpc ... -ngl 99`;
 - test-backend-ops on BLAS, with JLCM weights that carry group codebooks and a permutation;
 - llama-export-lora (refuses) and a LoRA adapter applied at run time (computes).
@@ -23,28 +23,14 @@ import numpy as np
 import pytest
 
 from conftest import BUILD_DIR, ROOT, error_line, run, tool
-from tiny_llama import make_pair
 
 BLAS_DIR = ROOT / "build-blas"
-TEXT = "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. " * 40
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, Path]:
-    return make_pair(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(TEXT)
-    return path
 
 
 def blas_tool(name: str) -> Path:
     path = BLAS_DIR / "bin" / name
     if not path.exists():
-        pytest.fail(f"{path} is missing: scripts/setup.sh builds build-blas")
+        pytest.fail(f"{path} is missing: scripts/setup.sh --tests builds build-blas")
     return path
 
 
@@ -200,27 +186,27 @@ def test_export_lora_refuses_jlcm(tiny, tmp_path):
         (res.stdout + res.stderr)[-2000:]
 
 
-def lora_logits(model: Path, lora: Path | None) -> np.ndarray:
+def lora_logits(model: Path, lora: Path | None, text: Path) -> np.ndarray:
     import llama_cpp
     kw = {"lora_path": str(lora)} if lora else {}
     llm = llama_cpp.Llama(model_path=str(model), n_ctx=128, logits_all=True, verbose=False, n_threads=2, seed=0, **kw)
-    tokens = llm.tokenize(TEXT.encode())[:48]
+    tokens = llm.tokenize(text.read_bytes())[:48]
     llm.eval(tokens)
     out = np.array(llm.scores[:48])
     del llm
     return out
 
 
-def test_runtime_lora_over_jlcm_matches_f32(tiny, tmp_path):
+def test_runtime_lora_over_jlcm_matches_f32(tiny, text, tmp_path):
     """A LoRA adapter applied at run time adds its own matmuls beside the JLCM one: JLCM + adapter must match the
     F32 twin + the same adapter, and the adapter must change the output."""
     jlcm, f32 = tiny
     lora = tmp_path / "lora.gguf"
     write_lora(lora, jlcm)
-    a, b = lora_logits(jlcm, lora), lora_logits(f32, lora)
+    a, b = lora_logits(jlcm, lora, text), lora_logits(f32, lora, text)
     rel = np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b ** 2))
     assert rel <= 2e-2, f"relative RMS logit error {rel:.4f}"
-    plain = lora_logits(jlcm, None)
+    plain = lora_logits(jlcm, None, text)
     change = np.sqrt(np.mean((a - plain) ** 2)) / np.sqrt(np.mean(plain ** 2))
     assert change > 5 * rel, f"the adapter hardly changed the output ({change:.4f})"
 

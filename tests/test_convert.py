@@ -237,7 +237,7 @@ def test_converted_perplexity_blas_build_equals_cpu_build(converted, tmp_path):
     ppl = {}
     for name, build in (("cpu", BUILD_DIR), ("blas", ROOT / "build-blas")):
         binary = build / "bin" / "llama-perplexity"
-        assert binary.exists(), f"{binary} is missing: scripts/setup.sh builds it"
+        assert binary.exists(), f"{binary} is missing: scripts/setup.sh --tests builds it"
         for _ in range(3):  # llama.cpp's asynchronous logger may drop the final line on a loaded machine
             res = run([binary, "-m", path, "-f", text, "-c", "512", "--chunks", "2", "-t", "2"], timeout=600)
             m = re.search(r"Final estimate: PPL = ([0-9.]+)", res.stdout + res.stderr)

@@ -192,12 +192,6 @@ def test_not_enough_free_space_is_checked_first(small, tmp_path, monkeypatch):
 
 # ---- hostile JLCM files through the real loader ----
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from tiny_llama import make_pair
-    return make_pair(tmp_path_factory.mktemp("tiny"))[0]
-
-
 def _rewrite(src: Path, dst: Path, change) -> Path:
     """src with change(tensors) applied: tensors maps name -> (array, type), in file order."""
     from gguf import GGUFReader
@@ -251,6 +245,7 @@ def _load_in_python(path: Path):
 
 @pytest.mark.parametrize("fault", sorted(HOSTILE))
 def test_hostile_file_refused_by_the_loader(tiny, tmp_path, fault):
+    tiny = tiny[0]
     change, message = HOSTILE[fault]
     bad = _rewrite(tiny, tmp_path / "bad.gguf", change)
     res = run([tool("llama-completion"), "-m", bad, "-p", "Hi", "-n", "1", "-no-cnv", "--no-warmup", "-t", "2"],
@@ -264,7 +259,7 @@ def test_hostile_file_refused_by_the_loader(tiny, tmp_path, fault):
 
 
 def test_truncated_file_refused(tiny, tmp_path):
-    data = tiny.read_bytes()
+    data = tiny[0].read_bytes()
     bad = tmp_path / "cut.gguf"
     bad.write_bytes(data[:len(data) - 1000])
     res = run([tool("llama-completion"), "-m", bad, "-p", "Hi", "-n", "1", "-no-cnv", "--no-warmup"], timeout=120)

@@ -13,15 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import BUILD_DIR, ROOT, run, tool
-from tiny_llama import make_moe, make_pair
+from tiny_llama import make_moe
 
 PROMPT = b"The quick brown fox jumps over the lazy dog. " * 8
 PYPI_GGUF = ("gguf==0.19.0", "gguf-0.19.0-py3-none-any.whl")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, Path]:
-    return make_pair(tmp_path_factory.mktemp("tiny"))
 
 
 def llama_logits(path: Path) -> np.ndarray:
@@ -112,7 +107,7 @@ def test_unpatched_ggml_refuses(tiny):
     jlcm, _ = tiny
     check = BUILD_DIR.parent / "build-stock" / "gguf-stock-check"
     if not check.exists():
-        pytest.fail(f"{check} is missing: run scripts/setup.sh")
+        pytest.fail(f"{check} is missing: run scripts/setup.sh --tests")
     res = run([check, jlcm])
     assert res.returncode == 3, res.stdout + res.stderr
     assert "invalid ggml type 200" in res.stderr

@@ -1,5 +1,5 @@
 """JLCM on Vulkan (issue #32): the patched tree built with -DGGML_VULKAN=ON (build-vulkan, made by
-scripts/setup.sh) computes JLCM weights with their companions on a Vulkan device. Without a GPU the device is
+scripts/setup.sh --tests) computes JLCM weights with their companions on a Vulkan device. Without a GPU the device is
 Mesa's lavapipe (llvmpipe, a software Vulkan driver on the CPU), which ggml skips unless GGML_VK_VISIBLE_DEVICES
 names it. Checked here:
 - test-backend-ops on Vulkan0: JLCM MUL_MAT (mat-vec and tiled batches) and GET_ROWS with group codebooks and a
@@ -19,29 +19,16 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run, tool
-from tiny_llama import make_moe, make_pair
+from tiny_llama import make_moe
 
 VK_DIR = ROOT / "build-vulkan"
 VK_ENV = {**os.environ, "GGML_VK_VISIBLE_DEVICES": "0"}  # ggml leaves CPU-type Vulkan devices out unless named
-TEXT = "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. " * 40
 
 
 def vk_tool(name: str) -> Path:
     path = VK_DIR / "bin" / name
     if not path.exists():
-        pytest.fail(f"{path} is missing: scripts/setup.sh builds build-vulkan")
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, Path]:
-    return make_pair(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(TEXT)
+        pytest.fail(f"{path} is missing: scripts/setup.sh --tests builds build-vulkan")
     return path
 
 

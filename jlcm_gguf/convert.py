@@ -335,9 +335,10 @@ def convert(opt: Options) -> dict:
 
     from .source import return_freed_memory
     t0 = time.time()
-    return_freed_memory()
     D.setup()  # several processes under torchrun (distributed.py)
     config = check_input(opt.model)
+    if return_freed_memory(sum(f.stat().st_size for f in opt.model.glob("*.safetensors"))):
+        log.info("large checkpoint: arrays over 1 MiB are mapped apart, so that freed memory returns to the system")
     if opt.bits not in F.TYPE_IDS:
         raise ConvertError(f"--bits must be one of {sorted(F.TYPE_IDS)}")
     if opt.threads:

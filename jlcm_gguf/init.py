@@ -49,7 +49,7 @@ def init_codebooks(w_stored: np.ndarray, h: np.ndarray | None, bounds: np.ndarra
     A first k-means runs on w / amax per block; then `rounds` times the blocks are packed with the current
     codebooks (scale by least squares, see pack.assign), and k-means runs again on w / d with weights
     h_j * d^2, so the codebook fits the scales it will be used with."""
-    from .pack import assign
+    from .pack import assign, map_groups
 
     if variant not in ("codebooks", "scales"):
         raise ValueError(f"unknown variant {variant!r}")
@@ -62,18 +62,21 @@ def init_codebooks(w_stored: np.ndarray, h: np.ndarray | None, bounds: np.ndarra
     spans = [(0, rows)] * len(bounds) if variant == "scales" else list(zip(starts, bounds))
 
     def fit(scale: np.ndarray) -> np.ndarray:
-        out, cache = [], {}
-        for r0, r1 in spans:
-            if (r0, r1) not in cache:  # the "scales" variant fits one codebook for all groups
-                s = scale[r0:r1]  # one group's rows at a time: a big matrix's temporaries stay one group's
-                vv = (b[r0:r1] / np.where(s > 0, s, 1)[..., None]).ravel()
-                ww = ((np.repeat(s, QK, axis=1) ** 2) * hcol[None, :]).ravel()
-                if len(vv) > max_samples:
-                    pick = rng.choice(len(vv), max_samples, replace=False)
-                    vv, ww = vv[pick], ww[pick]
-                cache[(r0, r1)] = to_int8_codebook(weighted_kmeans_1d(vv, ww, k))
-            out.append(cache[(r0, r1)])
-        return np.stack(out)
+        distinct = list(dict.fromkeys(spans))  # the "scales" variant fits one codebook for all groups
+        # the samples drawn in group order (the same draws however the groups are then computed)
+        picks = [rng.choice((r1 - r0) * cols, max_samples, replace=False) if (r1 - r0) * cols > max_samples
+                 else None for r0, r1 in distinct]
+
+        def one_group(span_pick):
+            (r0, r1), pick = span_pick
+            s = scale[r0:r1]  # one group's rows at a time: a big matrix's temporaries stay one group's
+            vv = (b[r0:r1] / np.where(s > 0, s, 1)[..., None]).ravel()
+            ww = ((np.repeat(s, QK, axis=1) ** 2) * hcol[None, :]).ravel()
+            if pick is not None:
+                vv, ww = vv[pick], ww[pick]
+            return to_int8_codebook(weighted_kmeans_1d(vv, ww, k))
+        fitted = dict(zip(distinct, map_groups(one_group, zip(distinct, picks), b.size)))
+        return np.stack([fitted[sp] for sp in spans])
 
     cb = fit(np.abs(b).max(axis=2) / 127)
     for _ in range(rounds):

@@ -5,9 +5,28 @@ ggml_patch's dequantize does, w = float32(d) * float32(cb[idx]) with one roundin
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 
 from .format import BLOCK_BYTES, QK
+
+PARALLEL_MIN = 1 << 20  # elements of work below which threads cost more than they save
+
+
+def map_groups(fn, items, size: int) -> list:
+    """[fn(x) for x in items], on as many threads as torch computes with (--threads) when the work is large (`size`
+    elements): numpy releases the GIL in its array loops, so independent row groups run side by side, each with
+    the same operations in the same order as alone (the same bits)."""
+    items = list(items)
+    torch = sys.modules.get("torch")
+    n = min(len(items), torch.get_num_threads() if torch is not None else (os.cpu_count() or 1))
+    if n <= 1 or size < PARALLEL_MIN:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(fn, items))
 
 
 def pack_blocks(idx: np.ndarray, d: np.ndarray, bits: int) -> np.ndarray:
@@ -144,7 +163,8 @@ def assign(w: np.ndarray, bits: int, cb: np.ndarray, bounds: np.ndarray | None,
     hb = (np.ones(cols, np.float32) if h is None else np.maximum(np.asarray(h, np.float32), 1e-12)).reshape(1, nb, QK)
     idx = np.empty((rows, nb, QK), dtype=np.uint8)
     d = np.empty((rows, nb), dtype=np.float16)
-    for g in np.unique(grp):
+
+    def one_group(g):
         m = grp == g
         c = np.sort(cb[g].astype(np.float32))
         order = np.argsort(cb[g].astype(np.float32), kind="stable")  # sorted position -> codebook index
@@ -170,6 +190,9 @@ def assign(w: np.ndarray, bits: int, cb: np.ndarray, bounds: np.ndarray | None,
                 if it == refine:
                     break
                 scale = np.where(den > 0, num / np.where(den > 0, den, 1), scale)
-        idx[m] = order[nearest_codeword(blocks, best_s, mid)]
-        d[m] = best_s.astype(np.float16)
+        return m, order[nearest_codeword(blocks, best_s, mid)], best_s.astype(np.float16)
+
+    for m, idx_g, d_g in map_groups(one_group, np.unique(grp), w.size):
+        idx[m] = idx_g
+        d[m] = d_g
     return idx.reshape(rows, cols), d

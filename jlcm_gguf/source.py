@@ -155,18 +155,25 @@ def lazy_tensor(node, half: bool, cache: DecodedCache) -> LazyArray:
     return LazyArray(load, shape, np.float32, cache)
 
 
-def return_freed_memory() -> None:
+FIXED_MMAP_THRESHOLD_FROM = 1 << 30  # checkpoint bytes from which return_freed_memory fixes the threshold
+
+
+def return_freed_memory(checkpoint_bytes: int) -> bool:
     """glibc raises its mmap threshold (to 32 MB) after a large block is freed, so the converter's arrays of a
     few MB then come from the heap, which fragments and does not shrink: converting a 64-layer model grew by
-    about 5 MB per block that way. A fixed threshold keeps every array over 1 MiB in its own mapping, returned to
-    the system when freed. (Elsewhere than glibc: nothing to do.)"""
+    about 5 MB per block that way. For a checkpoint of FIXED_MMAP_THRESHOLD_FROM bytes or more, a fixed threshold
+    keeps every array over 1 MiB in its own mapping, returned to the system when freed. Not below: every such
+    array is then fresh pages to fault in, which made a small model's conversion about a third slower (numpy's
+    temporaries in quantization; end-to-end tuning). Returns whether it was fixed (elsewhere than glibc: never)."""
+    if checkpoint_bytes < FIXED_MMAP_THRESHOLD_FROM:
+        return False
     import ctypes
     import ctypes.util
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        return bool(libc.mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
-        pass
+        return False
 
 
 def release_all(tensors: dict, names) -> None:

@@ -80,9 +80,10 @@ if [ $TESTS = 1 ]; then
     cmake --build build-blas -j"$JOBS" --target llama-perplexity test-backend-ops >build/blas-build.log 2>&1 || {
         tail -50 build/blas-build.log; exit 1; }
 
-    # the same tree with the Vulkan backend (its JLCM kernels run on lavapipe here). Its ~1100 shaders take ~10 min
-    # to compile on 2 cores and ccache does not cache glslc, so the build lives beside the patched tree in the cache,
-    # one per patch series, and build-vulkan links to it: another clone on this machine (CI's) finds it built.
+    # the same tree with the Vulkan backend (its JLCM kernels run on lavapipe here). Cold, it takes ~14 min on 2
+    # cores (~1100 shaders, which ccache does not cache, and objects the main build does not share), so it lives
+    # beside the patched tree, one per patch series, and build-vulkan links to it: another clone on this machine
+    # (CI's) finds it built.
     VK_BUILD=$(dirname "$SDIST")/build-vulkan-$(cat "$SDIST/.jlcm-patched")
     for old in "$(dirname "$SDIST")"/build-vulkan-*; do [ "$old" = "$VK_BUILD" ] || rm -rf "$old"; done
     [ -L build-vulkan ] || rm -rf build-vulkan

@@ -69,7 +69,7 @@ def init_codebooks(w_stored: np.ndarray, h: np.ndarray | None, bounds: np.ndarra
 
         def one_group(span_pick):
             (r0, r1), pick = span_pick
-            s = scale[r0:r1]  # one group's rows at a time: a big matrix's temporaries stay one group's
+            s = scale[r0:r1]  # one group's rows at a time (one per thread): temporaries stay a few groups'
             vv = (b[r0:r1] / np.where(s > 0, s, 1)[..., None]).ravel()
             ww = ((np.repeat(s, QK, axis=1) ** 2) * hcol[None, :]).ravel()
             if pick is not None:

@@ -91,6 +91,43 @@ def test_codebooks_and_packing_roundtrip(bits):
     assert err < 0.95 * err0, (err, err0)
 
 
+def test_row_groups_on_threads_give_the_same_bits(monkeypatch):
+    """init_codebooks and assign compute large matrices' row groups on torch's threads (pack.map_groups): the same
+    codebooks, indices and scales as one thread, and the groups really ran on worker threads."""
+    import threading
+
+    import torch
+
+    from jlcm_gguf import pack
+    rng = np.random.default_rng(7)
+    rows, cols = 2048, 640  # 1.3 M weights: above pack.PARALLEL_MIN
+    w = (rng.standard_t(4, size=(rows, cols)) * rng.uniform(0.5, 2, (rows, 1))).astype(np.float32)
+    h = rng.uniform(0.1, 2.0, cols).astype(np.float32)
+    bounds = np.array([300, 700, 1200, 1300, 2048], dtype=np.int32)
+    threads_used = set()
+    plain_map = pack.map_groups
+
+    def watched(fn, items, size):
+        def record(x):
+            threads_used.add(threading.current_thread() is threading.main_thread())
+            return fn(x)
+        return plain_map(record, items, size)
+    monkeypatch.setattr(pack, "map_groups", watched)
+    results = {}
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            threads_used.clear()
+            cb = init_codebooks(w, h, bounds, 3)
+            idx, d = assign(w, 3, cb, bounds, h)
+            results[n] = (cb, idx, d.view(np.uint16))
+            assert threads_used == ({True} if n == 1 else {False}), (n, threads_used)
+    finally:
+        torch.set_num_threads(before)
+    assert all(np.array_equal(a, b) for a, b in zip(results[1], results[2]))
+
+
 def test_nearest_codeword_is_a_sorted_search_with_ties_to_the_lower():
     from jlcm_gguf.pack import nearest_codeword
     rng = np.random.default_rng(1)

@@ -1,6 +1,7 @@
 """Resumable conversions: after each transformer block, what the later blocks and the writer need.
 
-A folder next to the output (`OUT.gguf.jlcm-resume/`) holds, per finished block, its packed JLCM
+A folder next to the output (`OUT.gguf.jlcm-resume/`) holds the plan's scores as they are measured (ScoreLog),
+per finished block, its packed JLCM
 weights, its matrices stored in llama.cpp types and the neighbours folding changed (`block-NNN.npz`), and the quantized model's activations
 after the last finished block (`state.npz`, whose `done` counts the finished blocks). Every file is
 written to a temporary name and renamed, so a kill at any moment leaves a consistent folder. A
@@ -137,3 +138,73 @@ class Checkpoint:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def interrupted(outfile: Path, n_layer: int) -> str | None:
+    """What an earlier run left in OUT's checkpoint folder ("3 of 28 blocks done", "plan scoring, 40 weight
+    matrices scored"), or None."""
+    folder = Path(str(outfile) + SUFFIX)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    try:
+        with np.load(folder / "state.npz") as z:
+            return f"{int(z['done'])} of {n_layer} blocks done"
+    except (OSError, ValueError, KeyError, EOFError):
+        scored = sum(max(len(ScoreLog._lines(f)) - 1, 0) for f in folder.glob(ScoreLog.PATTERN))
+        return f"plan scoring, {scored} weight matrices scored"
+
+
+class ScoreLog:
+    """The plan's scores as they are measured (plan_scores.score_options, hours for a 1.5B model on 2 cores):
+    one JSON line per weight matrix, after a first line with the key of everything the scores depend on, in
+    OUT.jlcm-resume/plan-scores-RANK.jsonl (one file per process). Each line is flushed to disk when written; a
+    line cut by a kill is dropped. A resumed conversion reuses the scores of every file whose key matches."""
+    PATTERN = "plan-scores-*.jsonl"
+
+    def __init__(self, outfile: Path, key: str, rank: int = 0):
+        self.dir = Path(str(outfile) + SUFFIX)
+        self.key = key
+        self.path = self.dir / f"plan-scores-{rank}.jsonl"
+
+    @staticmethod
+    def _lines(path: Path) -> list:
+        """The file's complete JSON lines (the first is the key)."""
+        out = []
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return out
+        for line in text.split("\n")[:-1]:  # (the part after the last newline is a line cut short)
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                break
+        return out
+
+    def load(self) -> tuple[dict[str, list[tuple[str, int, float]]], bool]:
+        """(matrix -> its options as (kind, bytes, score), whether any file had another key)."""
+        scored, other = {}, False
+        for f in sorted(self.dir.glob(self.PATTERN)):
+            lines = self._lines(f)
+            if not lines or lines[0].get("key") != self.key:
+                other = other or bool(lines)
+                continue
+            for entry in lines[1:]:
+                scored[entry["name"]] = [tuple(o) for o in entry["options"]]
+        return scored, other
+
+    def start(self) -> None:
+        """This process's file, keeping the complete lines an earlier run with the same key wrote."""
+        self.dir.mkdir(exist_ok=True)
+        lines = self._lines(self.path)
+        if not lines or lines[0].get("key") != self.key:
+            lines = [{"key": self.key}]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(v) + "\n" for v in lines), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def add(self, name: str, options: list[tuple[str, int, float]]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"name": name, "options": [list(o) for o in options]}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())

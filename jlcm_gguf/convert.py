@@ -359,6 +359,11 @@ def convert(opt: Options) -> dict:
     model_class = conversion.get_model_class(arch)
     if not opt.dry_run:
         opt.outfile.parent.mkdir(parents=True, exist_ok=True)
+        from .checkpoint import SUFFIX, interrupted
+        left = D.broadcast(interrupted(opt.outfile, hp.n_layer))  # (process 0's look: the others start apart)
+        if left and not opt.resume:  # now, not after hours of planning
+            raise ConvertError(f"{opt.outfile}{SUFFIX} holds an interrupted conversion ({left}): "
+                               "pass --resume to continue it, or delete that folder")
     tmp_out = opt.outfile.with_name(opt.outfile.name + f".tmp{os.getpid()}")
     with torch.inference_mode():
         # lazy: each tensor is read from the checkpoint when a step uses it (source.py)
@@ -424,9 +429,6 @@ def convert(opt: Options) -> dict:
     quantized = {n for n, k in opt.kinds.items() if k.startswith("jlcm")}
     ckpt = Checkpoint(opt.outfile, fingerprint(opt, tokens))
     found = ckpt.found()
-    if found and not opt.resume:
-        raise ConvertError(f"{ckpt.dir} holds an interrupted conversion ({found[0]} of {hp.n_layer} blocks done): "
-                           "pass --resume to continue it, or delete that folder")
     if found and not found[1]:
         raise ConvertError(f"{ckpt.dir} is the checkpoint of a conversion with other options or input: "
                            "resume with the same ones, or delete that folder")
@@ -656,9 +658,17 @@ def plan_kinds(instance, order: list[str], tensors: dict, hp: Hparams, tokens: n
                 from .fold import companion_layout
                 layout = {n: companion_layout(n, tensors[n].shape[0], hp, opt.groups, candidates)
                           for n in candidates}
+                score_log = None
+                if not opt.dry_run:  # scores measured so far, for --resume
+                    from .checkpoint import ScoreLog, fingerprint
+                    key = f"{fingerprint(opt, tokens)}:{scores_digest(opt, tokens)}:{choices}:{sorted(plan_gptq_kinds(opt))}"
+                    score_log = ScoreLog(opt.outfile, key, D.rank())
+                    if score_log.load()[1]:
+                        raise P.PlanError(f"{score_log.dir} holds the plan scores of a conversion with other options "
+                                          "or input: resume with the same ones, or delete that folder")
                 options = S.score_options(tensors, hp, tokens, layout, opt.groups, opt.variant, opt.seed,
                                           fast=opt.fast, choices=choices, gptq_kinds=plan_gptq_kinds(opt),
-                                          imatrix=opt.imatrix)
+                                          imatrix=opt.imatrix, score_log=score_log)
             # a pinned matrix keeps its one scored option; a type the search does not score (q4_0, f16, a K-quant
             # without --kquants) and the matrices outside the plan count as fixed bytes
             searched = {}

@@ -20,10 +20,14 @@ lowest width, scaled by its output error.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from . import distributed as D
 from .plan import DEFAULT_CHOICES, STANDARD, Option, applicable, choice_bytes, ggml_type, natural_order
+
+log = logging.getLogger("jlcm-convert")
 
 FAST_ROWS = 1024  # --fast scores a sample of this many rows per matrix
 FISHER_WINDOWS = 8  # --fast estimates each tensor's KL from the Fisher information of this many windows
@@ -212,11 +216,14 @@ def fisher_kl(w: np.ndarray, q: np.ndarray, marginals: tuple[np.ndarray, np.ndar
 def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple[int, bool]], groups: int,
                   variant: str, seed: int, fast: bool = False, kl_windows: int = 2,
                   choices: tuple[str, ...] = DEFAULT_CHOICES,
-                  gptq_kinds: frozenset[str] = frozenset(), imatrix: dict | None = None) -> dict[str, list[Option]]:
+                  gptq_kinds: frozenset[str] = frozenset(), imatrix: dict | None = None,
+                  score_log=None) -> dict[str, list[Option]]:
     """(bytes, score) of each tensor in `layout` at each kind (see the module text). The layer matrices'
     JLCM kinds in `gptq_kinds` are rounded by GPTQ as the converter rounds them; then every kind of a
     layer matrix is compared by its output error under the full input Hessian, and the KL is still
-    measured with nearest rounding at the lowest width, whose output error it is scaled by."""
+    measured with nearest rounding at the lowest width, whose output error it is scaled by. score_log: a
+    checkpoint.ScoreLog that each tensor's options are written to when scored, and read from (not scored
+    again) where an interrupted run of the same key scored them."""
     import torch
     from tqdm import tqdm
 
@@ -277,6 +284,13 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
         fisher_tokens = sum(len(s) for s in tokens[:FISHER_WINDOWS])
     hessians = BlockHessians(tensors, hp, tokens, imatrix) if gptq_kinds else None
     options: dict[str, list[Option]] = {}
+    scored = {}
+    if score_log is not None:
+        scored = {n: v for n, v in score_log.load()[0].items() if n in layout}
+        score_log.start()
+        if scored and D.is_main():
+            log.info("plan scoring: resuming with %d of %d matrices scored (%s)", len(scored), len(layout),
+                     score_log.dir)
     rng = np.random.default_rng(seed)
     # with several processes each tensor is scored by one, the largest first to the least loaded (the row samples
     # are drawn for all in every process: the same draws as one process makes)
@@ -287,6 +301,9 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
         if fast:  # errors of a row sample drawn by Fisher information (fisher_sample)
             sample = fisher_sample(marginals[name][0], rng)
         if owner[name] != D.rank():
+            continue
+        if name in scored:
+            options[name] = [Option(*o) for o in scored[name]]
             continue
         w = np.asarray(tensors[name], dtype=np.float32)
         rows_all = w.shape[0]
@@ -311,4 +328,6 @@ def score_options(tensors: dict, hp, tokens: np.ndarray, layout: dict[str, tuple
         scale = max(kl, 0.0) / max(anchor, 1e-30)
         options[name] = [Option(k, choice_bytes(k, rows_all, w.shape[1], n_groups, stored), errs[k] * scale)
                          for k in kinds]
+        if score_log is not None:
+            score_log.add(name, [(o.kind, o.bytes, o.score) for o in options[name]])
     return D.share_results(options, owner)

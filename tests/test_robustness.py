@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -82,6 +83,47 @@ def test_kill_and_resume_gives_the_same_file(small, small_reference, resume_args
     assert f"resuming after block {done} of {N_LAYER}" in res.stderr
     assert out.read_bytes() == small_reference.read_bytes()
     assert not ckpt.exists() and not list(tmp_path.glob("out.gguf.tmp*"))
+
+
+def _matrices_scored(ckpt: Path) -> int:
+    try:
+        return max(len((ckpt / "plan-scores-0.jsonl").read_text(encoding="utf-8").split("\n")) - 2, 0)
+    except OSError:
+        return 0
+
+
+def test_kill_while_scoring_and_resume(small, tmp_path):
+    """A conversion under a size budget killed while scoring its plan (hours for a 1.5B model on 2 cores): a plain
+    re-run is refused at once, saying so; --resume scores only the matrices not yet scored and writes the file an
+    uninterrupted run writes."""
+    args = FAST + ["--target-size", "40000000", "--fast", "--no-learn", "--rounding", "nearest"]
+    ref = tmp_path / "ref.gguf"
+    res = run(CONVERTER + [small, "--outfile", ref] + args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "out.gguf"
+    ckpt = Path(str(out) + ".jlcm-resume")
+    proc = subprocess.Popen([str(a) for a in CONVERTER + [small, "--outfile", out] + args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while _matrices_scored(ckpt) < 3:
+        assert proc.poll() is None, f"the conversion ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, "no matrix scored in 300 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = _matrices_scored(ckpt)
+    assert not (ckpt / "state.npz").exists() and not out.exists()
+
+    res = run(CONVERTER + [small, "--outfile", out] + args)
+    assert res.returncode == 1 and "--resume" in error_line(res), res.stderr[-2000:]
+    assert f"interrupted conversion (plan scoring, {done} weight matrices scored)" in error_line(res)
+    assert "scoring kinds" not in res.stderr  # refused before planning
+    res = run(CONVERTER + [small, "--outfile", out, "--resume"] + args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = re.search(r"plan scoring: resuming with (\d+) of (\d+) matrices scored", res.stderr)
+    assert m and int(m.group(1)) == done < int(m.group(2)), res.stderr[-3000:]
+    assert out.read_bytes() == ref.read_bytes()
+    assert not ckpt.exists()
 
 
 def test_checkpoint_fingerprint_covers_options_and_converter_source(tmp_path):

@@ -190,6 +190,28 @@ def _add_tensors(writer, order: list[str], tensors: dict, jlcm: dict, opt, kinds
     return n_weights, n_weights_jlcm, bytes_jlcm
 
 
+def replay_vocab(instance) -> None:
+    """The vendored set_vocab reads and parses the tokenizer (1.5 s for SmolLM2's 49k tokens) and only adds
+    key-values; predict_layout fills a scratch writer with the metadata once per size it computes. So the first
+    call's key-values are recorded (in the order set) and later calls set the same ones again."""
+    if "set_vocab" in vars(instance):
+        return
+    original = instance.set_vocab
+    recorded: list | None = None
+
+    def set_vocab():
+        nonlocal recorded
+        kv = instance.gguf_writer.kv_data[0]
+        if recorded is None:
+            before = dict(kv)
+            original()
+            recorded = [(k, v) for k, v in kv.items() if before.get(k) is not v]
+        else:
+            for k, v in recorded:
+                kv[k] = v
+    instance.set_vocab = set_vocab
+
+
 def _add_metadata(instance, kinds: dict, opt) -> None:
     """The vendored converter's metadata, then jlcm.*: the plan (every planned matrix and its ggml type) is
     written for every file, so the header's size does not depend on which types a plan picks."""
@@ -199,6 +221,7 @@ def _add_metadata(instance, kinds: dict, opt) -> None:
                          KEY_PLAN_TENSORS, KEY_PLAN_TYPES, KEY_ROTATION, KEY_VARIANT)
 
     writer = instance.gguf_writer
+    replay_vocab(instance)
     instance.prepare_metadata(vocab_only=False)
     writer.add_uint32(KEY_FORMAT_VERSION, FORMAT_VERSION)
     # the converter sets the file type to the JLCM width most layer matrices have (convert.layer_bits)

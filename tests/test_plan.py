@@ -435,24 +435,27 @@ def test_each_process_scores_only_its_own_matrices(smollm2_float, monkeypatch):
 def test_scores_resume_from_their_log(smollm2_float, tmp_path, monkeypatch):
     """Scoring is not lost to a kill (it takes hours for a 1.5B model on 2 cores): each matrix's options go to the
     ScoreLog when scored; a run of the same key reads them back and scores only the rest (a line the kill cut is
-    dropped and scored again), giving the options of an uninterrupted run; a log of another key is not used."""
+    dropped and scored again), giving the options of an uninterrupted run; a log of another key is not used. With
+    --fast, whose row samples are drawn for every matrix in turn: a matrix read back still draws its sample."""
     from jlcm_gguf import group
     from jlcm_gguf.checkpoint import ScoreLog
     tensors, _, hp = smollm2_float
-    names = [f"blk.0.{n}.weight" for n in ("attn_q", "attn_k", "attn_v", "ffn_up")]
-    tokens = np.random.default_rng(0).integers(0, 49152, size=(4, 32))
+    names = [f"blk.0.{n}.weight" for n in ("attn_k", "attn_v", "ffn_gate", "ffn_up")]  # (scored in this order)
+    tokens = np.random.default_rng(0).integers(0, 49152, size=(S.FISHER_WINDOWS, 32))
     layout = {n: (4, True) for n in names}
     out = tmp_path / "m.gguf"
-    alone = S.score_options(tensors, hp, tokens, layout, 4, "codebooks", 0, score_log=ScoreLog(out, "key"))
+    alone = S.score_options(tensors, hp, tokens, layout, 4, "codebooks", 0, fast=True, score_log=ScoreLog(out, "key"))
     log = ScoreLog(out, "key")
     lines = log.path.read_text(encoding="utf-8").splitlines(keepends=True)
     assert len(lines) == 1 + len(names)
-    log.path.write_text("".join(lines[:3]) + lines[3][:20], encoding="utf-8")  # killed while writing the third
+    # killed while writing the last line: ffn_gate is read back, ffn_up (whose row sample is drawn after
+    # ffn_gate's: the layers' first two have fewer rows than a sample, and none) is scored again
+    log.path.write_text("".join(lines[:4]) + lines[4][:20], encoding="utf-8")
     assert ScoreLog(out, "other").load() == ({}, True)
     grouped = []
     real = group.group_rows
     monkeypatch.setattr(group, "group_rows", lambda *a, **k: grouped.append(1) or real(*a, **k))
-    resumed = S.score_options(tensors, hp, tokens, layout, 4, "codebooks", 0, score_log=ScoreLog(out, "key"))
-    assert len(grouped) == len(names) - 2  # (group_rows: once per matrix scored)
+    resumed = S.score_options(tensors, hp, tokens, layout, 4, "codebooks", 0, fast=True, score_log=ScoreLog(out, "key"))
+    assert len(grouped) == 1  # (group_rows: once per matrix scored)
     assert resumed == alone
     assert len(log.path.read_text(encoding="utf-8").splitlines()) == 1 + len(names) and log.load()[0].keys() == set(names)

@@ -27,6 +27,11 @@ FINGERPRINT_OPTIONS = ("bits", "groups", "variant", "embd_type", "nsamples", "se
                        "token_embd_type", "output_type")
 
 
+def folder(outfile: Path) -> Path:
+    """The checkpoint folder of a conversion writing `outfile`."""
+    return Path(str(outfile) + SUFFIX)
+
+
 def converter_source_hash() -> str:
     """The converter's own code: a checkpoint written by other code (an upgrade, a local edit) is not resumed,
     since its blocks may differ from what this code would write."""
@@ -70,7 +75,7 @@ def stored_array(path: Path, key: str, shape: tuple, dtype) -> LazyArray:
 
 class Checkpoint:
     def __init__(self, outfile: Path, key: str):
-        self.dir = Path(str(outfile) + SUFFIX)
+        self.dir = folder(outfile)
         self.key = key
 
     def found(self) -> tuple[int, bool] | None:
@@ -143,14 +148,14 @@ class Checkpoint:
 def interrupted(outfile: Path, n_layer: int) -> str | None:
     """What an earlier run left in OUT's checkpoint folder ("3 of 28 blocks done", "plan scoring, 40 weight
     matrices scored"), or None."""
-    folder = Path(str(outfile) + SUFFIX)
-    if not folder.is_dir() or not any(folder.iterdir()):
+    where = folder(outfile)
+    if not where.is_dir() or not any(where.iterdir()):
         return None
     try:
-        with np.load(folder / "state.npz") as z:
+        with np.load(where / "state.npz") as z:
             return f"{int(z['done'])} of {n_layer} blocks done"
     except (OSError, ValueError, KeyError, EOFError):
-        scored = sum(max(len(ScoreLog._lines(f)) - 1, 0) for f in folder.glob(ScoreLog.PATTERN))
+        scored = sum(max(len(ScoreLog._lines(f)) - 1, 0) for f in where.glob(ScoreLog.PATTERN))
         return f"plan scoring, {scored} weight matrices scored"
 
 
@@ -162,7 +167,7 @@ class ScoreLog:
     PATTERN = "plan-scores-*.jsonl"
 
     def __init__(self, outfile: Path, key: str, rank: int = 0):
-        self.dir = Path(str(outfile) + SUFFIX)
+        self.dir = folder(outfile)
         self.key = key
         self.path = self.dir / f"plan-scores-{rank}.jsonl"
 

@@ -359,10 +359,10 @@ def convert(opt: Options) -> dict:
     model_class = conversion.get_model_class(arch)
     if not opt.dry_run:
         opt.outfile.parent.mkdir(parents=True, exist_ok=True)
-        from .checkpoint import SUFFIX, interrupted
+        from .checkpoint import folder, interrupted
         left = D.broadcast(interrupted(opt.outfile, hp.n_layer))  # (process 0's look: the others start apart)
         if left and not opt.resume:  # now, not after hours of planning
-            raise ConvertError(f"{opt.outfile}{SUFFIX} holds an interrupted conversion ({left}): "
+            raise ConvertError(f"{folder(opt.outfile)} holds an interrupted conversion ({left}): "
                                "pass --resume to continue it, or delete that folder")
     tmp_out = opt.outfile.with_name(opt.outfile.name + f".tmp{os.getpid()}")
     with torch.inference_mode():

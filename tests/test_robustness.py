@@ -54,18 +54,22 @@ def _blocks_done(ckpt: Path) -> int:
         return 0
 
 
+def _kill_when(cmd: list, ready, what: str) -> None:
+    """Starts the converter and kills it (SIGKILL) as soon as ready() holds."""
+    proc = subprocess.Popen([str(a) for a in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not ready():
+        assert proc.poll() is None, f"the conversion ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, f"no {what} in 300 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
 def test_kill_and_resume_gives_the_same_file(small, small_reference, resume_args, tmp_path):
     out = tmp_path / "out.gguf"
     ckpt = Path(str(out) + ".jlcm-resume")
-    proc = subprocess.Popen([str(a) for a in CONVERTER + [small, "--outfile", out] + resume_args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while _blocks_done(ckpt) < 2:
-        assert proc.poll() is None, f"the conversion ended before it could be killed: {proc.stderr.read()[-2000:]}"
-        assert time.time() < deadline, "no block finished in 300 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    _kill_when(CONVERTER + [small, "--outfile", out] + resume_args, lambda: _blocks_done(ckpt) >= 2, "block finished")
     done = _blocks_done(ckpt)
     assert 2 <= done < N_LAYER, done
     assert not out.exists() and not list(tmp_path.glob("out.gguf.tmp*"))
@@ -102,15 +106,7 @@ def test_kill_while_scoring_and_resume(small, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "out.gguf"
     ckpt = Path(str(out) + ".jlcm-resume")
-    proc = subprocess.Popen([str(a) for a in CONVERTER + [small, "--outfile", out] + args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while _matrices_scored(ckpt) < 3:
-        assert proc.poll() is None, f"the conversion ended before it could be killed: {proc.stderr.read()[-2000:]}"
-        assert time.time() < deadline, "no matrix scored in 300 s"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    _kill_when(CONVERTER + [small, "--outfile", out] + args, lambda: _matrices_scored(ckpt) >= 3, "matrix scored")
     done = _matrices_scored(ckpt)
     assert not (ckpt / "state.npz").exists() and not out.exists()
 
